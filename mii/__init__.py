@@ -1,0 +1,19 @@
+"""mii: persistent LLM deployments with DeepSpeed-MII's public API.
+
+    client = mii.serve("path/or/hub-name", tensor_parallel=2, replica_num=2)
+    client(["DeepSpeed is", "Seattle is"], max_new_tokens=128)
+    mii.client("path/or/hub-name").terminate_server()
+"""
+from mii_core.client import MIIClient
+from mii_core.config import GenerateParamsConfig, MIIConfig, ModelConfig
+from mii_core.constants import DeploymentType, GenerationFinishReason, TaskType
+from mii_core.deploy import client, serve
+from mii_core.plugins import hookimpl
+from mii_core.response import Response
+
+from mii import errors
+
+__all__ = ["serve", "client", "MIIClient", "ModelConfig", "MIIConfig", "GenerateParamsConfig",
+           "TaskType", "DeploymentType", "GenerationFinishReason", "Response", "hookimpl",
+           "errors"]
+__version__ = "0.1.0"

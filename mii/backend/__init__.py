@@ -1,0 +1,4 @@
+"""Backend classes at DeepSpeed-MII's paths."""
+from mii.backend.client import MIIClient
+
+__all__ = ["MIIClient"]

@@ -1,0 +1,1 @@
+"""Test helpers for mii (tiny offline models and fixtures)."""

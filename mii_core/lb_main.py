@@ -1,0 +1,37 @@
+"""Entry point of the load-balancer process: ``python -m mii_core.lb_main RECORD``."""
+from __future__ import annotations
+
+import logging
+import sys
+
+from mii_core import lifecycle, logs
+from mii_core.plugins import load_driver, register_driver
+from mii_core.registry import load_file
+
+log = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve the deployment's client-facing port with the configured transport and scheduler."""
+    args = sys.argv[1:] if argv is None else argv
+    logs.configure("load-balancer")
+    lifecycle.exit_with_supervisor()
+    record = load_file(args[0])
+    if record is None:
+        log.error("cannot read deployment record %s", args[0])
+        return 2
+    config = record.mii_config
+    scheduler = load_driver("scheduler", config.scheduler)(len(record.replicas))
+    transport = load_driver("transport", config.transport)()
+    register_driver(scheduler, "scheduler")
+    addresses = [f"{r.hostname if r.hostname not in ('', 'localhost') else '127.0.0.1'}:{r.port}"
+                 for r in record.replicas]
+    log.info("[progress] load balancer on %s:%d -> %s (scheduler %s)", config.host,
+             config.port_number, ", ".join(addresses), config.scheduler)
+    transport.serve_load_balancer(config, addresses, scheduler,
+                                  lifecycle.request_deployment_shutdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

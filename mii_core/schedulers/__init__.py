@@ -1,0 +1,1 @@
+"""mii's own scheduler plugins (registered through the ``mii.schedulers`` entry points)."""

@@ -1,0 +1,124 @@
+"""The model-side state of a running batch and the three operations every rank applies.
+
+Rows are left-aligned in a shared time axis: each row's tokens occupy the last
+columns of the key/value cache, earlier columns are masked padding. Rows join by
+prefilling their prompts separately and merging caches (padding the shorter one on
+the left), and leave by index selection; columns no live row uses are trimmed.
+Positions are per row, so padding never shifts a row's rotary positions.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, List, Optional, Tuple
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class StepPlan:
+    """What every rank does in one step; rank 0 builds it and broadcasts it."""
+
+    keep: Optional[List[int]] = None  # rows to keep (None: keep all)
+    decode: Optional[List[int]] = None  # one input token per kept row
+    prefill: Optional[List[List[int]]] = None  # prompts of rows joining after the kept ones
+    shutdown: bool = False
+
+
+def _cache_argument(model: Any) -> str:
+    # transformers 5.2x renamed past_key_values to cache; accept both releases.
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class BatchState:
+    """KV cache, attention mask and positions of the running rows on one rank."""
+
+    def __init__(self, model: Any, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+        self.cache_arg = _cache_argument(model)
+        self.cache: Optional[DynamicCache] = None
+        self.mask: Optional[torch.Tensor] = None  # [rows, columns] of 0/1
+        self.positions: Optional[torch.Tensor] = None  # [rows] next position per row
+
+    @property
+    def rows(self) -> int:
+        """Number of running rows."""
+        return 0 if self.mask is None else self.mask.shape[0]
+
+    def apply(self, plan: StepPlan) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Run ``plan``; return last-position logits of decoded rows and of prefilled rows."""
+        if plan.keep is not None:
+            self._select(plan.keep)
+        decoded = self._decode(plan.decode) if plan.decode else None
+        prefilled = self._prefill(plan.prefill) if plan.prefill else None
+        return decoded, prefilled
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 cache: DynamicCache) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         use_cache=True, logits_to_keep=1, **{self.cache_arg: cache})
+        return out.logits[:, -1, :]
+
+    def _decode(self, tokens: List[int]) -> torch.Tensor:
+        assert self.mask is not None and len(tokens) == self.rows, "decode rows mismatch"
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
+        ones = torch.ones((self.rows, 1), dtype=self.mask.dtype, device=self.device)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        logits = self._forward(ids, self.mask, self.positions[:, None], self.cache)
+        self.positions = self.positions + 1
+        return logits
+
+    def _prefill(self, prompts: List[List[int]]) -> torch.Tensor:
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, positions, cache)
+        self._merge(cache, mask, positions[:, -1] + 1)
+        return logits
+
+    def _merge(self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        if self.mask is None:
+            self.cache, self.mask, self.positions = cache, mask, positions
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_left_pad(mine.keys, width, 2), _left_pad(theirs.keys, width, 2)])
+            mine.values = torch.cat([_left_pad(mine.values, width, 2),
+                                     _left_pad(theirs.values, width, 2)])
+        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
+        self.positions = torch.cat([self.positions, positions])
+
+    def _select(self, keep: List[int]) -> None:
+        if not keep:
+            self.cache = self.mask = self.positions = None
+            return
+        if keep == list(range(self.rows)):
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.mask = self.mask.index_select(0, index)
+        self.positions = self.positions.index_select(0, index)
+        # Columns that only departed rows used are dead weight for every later step.
+        used = self.mask.any(dim=0).nonzero()
+        first = int(used[0]) if len(used) else self.mask.shape[1]
+        self.mask = self.mask[:, first:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, first:]
+            layer.values = layer.values.index_select(0, index)[:, :, first:]
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

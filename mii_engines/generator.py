@@ -1,0 +1,295 @@
+"""The in-flight batching loop: requests join and leave the running batch at step boundaries.
+
+Rank 0 owns the queue. Each step it decides which rows leave, which token each
+running row feeds, and which queued prompts join; it broadcasts that plan so
+every rank of a tensor-parallel replica runs the same forward, then samples on
+rank 0 with each row's own parameters and stop conditions. Tokens stream to
+each request's sink as they are produced.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Deque, Dict, List, Optional
+
+import torch
+
+from mii_core.config import GenerateParamsConfig
+from mii_core.constants import GenerationFinishReason as Finish
+from mii_core.errors import DeploymentUnavailable, InvalidGenerateParams, ServerOverloaded
+from mii_core.interfaces import LoadedModel, RequestInfo, TokenEvent
+from mii_engines.batch_state import BatchState, StepPlan
+from mii_engines.detokenize import TextStream
+from mii_engines.sampling import next_tokens
+
+log = logging.getLogger(__name__)
+IDLE_HEARTBEAT_S = 5.0  # followers of a TP replica hear from rank 0 at least this often
+
+
+@dataclass
+class _Request:
+    info: RequestInfo
+    sink: Callable[[TokenEvent], None]
+    prompts: List[List[int]]
+    budgets: List[int]
+    cancelled: bool = False
+    pending: int = 0  # prompts not yet finished
+    admitted: int = 0  # prompts that joined the batch so far
+
+
+@dataclass
+class _Row:
+    request: _Request
+    index: int
+    prompt: List[int]
+    budget: int
+    text: TextStream
+    eos: Optional[int]
+    started: float
+    first_token_at: Optional[float] = None
+    last: Optional[int] = None
+    finish: Optional[str] = None
+    events: List[TokenEvent] = field(default_factory=list)
+
+    @property
+    def params(self) -> GenerateParamsConfig:
+        return self.request.info.params
+
+
+class RequestHandle:
+    """Lets the transport cancel a request."""
+
+    def __init__(self, generator: "Generator", request: _Request) -> None:
+        self._generator, self._request = generator, request
+
+    def cancel(self) -> None:
+        """Stop the request; its rows leave the batch at the next step."""
+        self._request.cancelled = True
+        self._generator._wake()
+
+
+class Generator:
+    """Serves requests on rank 0 of a replica (``run`` drives the loop)."""
+
+    def __init__(self, loaded: LoadedModel, replica: int, max_batch_size: int,
+                 max_queue_size: int, broadcast: Optional[Callable[[StepPlan], None]] = None,
+                 on_finished: Optional[Callable[[RequestInfo, str], None]] = None) -> None:
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.replica = replica
+        self.max_batch_size = max_batch_size
+        self.max_queue_size = max_queue_size
+        self.state = BatchState(loaded.model, loaded.device)
+        self.broadcast = broadcast
+        self.on_finished = on_finished
+        self.eos = self.tokenizer.eos_token_id
+        self._queue: Deque[_Request] = deque()
+        self._rows: List[_Row] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._ids = itertools.count(1)
+        self.counters: Dict[str, int] = {"requests": 0, "finished": 0, "cancelled": 0,
+                                         "errors": 0, "tokens_generated": 0, "steps": 0}
+
+    # -- called from transport threads -------------------------------------------------
+    def submit(self, prompts: List[str], params: GenerateParamsConfig,
+               sink: Callable[[TokenEvent], None]) -> RequestHandle:
+        """Tokenize and queue a request; invalid prompts raise InvalidGenerateParams."""
+        encoded, budgets = [], []
+        for index, prompt in enumerate(prompts):
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            if not ids:
+                raise InvalidGenerateParams(f"prompts[{index}]: the prompt encodes to no tokens")
+            budget = params.new_token_budget(len(ids), self.loaded.context_length)
+            if budget < 1:
+                limit = min(params.max_length, self.loaded.context_length)
+                raise InvalidGenerateParams(
+                    f"prompts[{index}]: the prompt has {len(ids)} tokens, which leaves no room "
+                    f"to generate under max_length={params.max_length} (the model accepts "
+                    f"{self.loaded.context_length} tokens; the limit here is {limit})")
+            encoded.append(ids)
+            budgets.append(budget)
+        info = RequestInfo(next(self._ids), len(prompts), params, self.replica, time.time())
+        request = _Request(info, sink, encoded, budgets, pending=len(prompts))
+        with self._cond:
+            if self._stopping:
+                raise DeploymentUnavailable("the replica is shutting down")
+            if len(self._queue) >= self.max_queue_size:
+                raise ServerOverloaded(f"the replica's queue is full ({self.max_queue_size} "
+                                       "requests waiting); retry later")
+            self._queue.append(request)
+            self.counters["requests"] += 1
+            self._cond.notify()
+        return RequestHandle(self, request)
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters plus current queue depth and batch size."""
+        return dict(self.counters, queue_depth=len(self._queue), running=len(self._rows),
+                    replica=self.replica)
+
+    def stop(self) -> None:
+        """Ask the loop to finish (in-flight rows are cancelled)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    # -- the loop ----------------------------------------------------------------------
+    def run(self) -> None:
+        """Generate until ``stop()``; call from the engine thread."""
+        try:
+            with torch.inference_mode():
+                while self._wait_for_work():
+                    self._step()
+        finally:
+            self._cancel_all("the replica is shutting down")
+            if self.broadcast:
+                self.broadcast(StepPlan(shutdown=True))
+
+    def _wait_for_work(self) -> bool:
+        with self._cond:
+            while not self._stopping and not self._queue and not self._rows:
+                if not self._cond.wait(timeout=IDLE_HEARTBEAT_S) and self.broadcast:
+                    self.broadcast(StepPlan())
+            return not self._stopping
+
+    def _admit(self) -> List[_Row]:
+        rows: List[_Row] = []
+        with self._cond:
+            while self._queue and len(self._rows) + len(rows) < self.max_batch_size:
+                request = self._queue[0]
+                if request.cancelled:
+                    self._queue.popleft()
+                    self._cancel_queued(request)
+                    continue
+                room = self.max_batch_size - len(self._rows) - len(rows)
+                end = min(len(request.prompts), request.admitted + room)
+                rows += [self._new_row(request, i) for i in range(request.admitted, end)]
+                request.admitted = end
+                if end == len(request.prompts):
+                    self._queue.popleft()
+        return rows
+
+    def _new_row(self, request: _Request, index: int) -> _Row:
+        params = request.info.params
+        return _Row(request, index, request.prompts[index], request.budgets[index],
+                    TextStream(self.tokenizer, params.stop),
+                    None if params.ignore_eos else self.eos, time.time())
+
+    def _step(self) -> None:
+        keep = [i for i, row in enumerate(self._rows) if row.finish is None
+                and not row.request.cancelled]
+        for row in self._rows:
+            if row.finish is None and row.request.cancelled:
+                self._end(row, Finish.CANCELLED.value)
+        keep_arg = None if len(keep) == len(self._rows) else keep
+        self._rows = [self._rows[i] for i in keep]
+        joining = self._admit()
+        if not self._rows and not joining:
+            if keep_arg is not None:
+                self._apply(StepPlan(keep=keep_arg))
+            return
+        plan = StepPlan(keep=keep_arg,
+                        decode=[row.last for row in self._rows] or None,
+                        prefill=[row.prompt for row in joining] or None)
+        decoded, prefilled = self._apply(plan)
+        self._rows += joining
+        logits = torch.cat([t for t in (decoded, prefilled) if t is not None])
+        banned = [row.eos if len(row.text.ids) < row.params.min_new_tokens else None
+                  for row in self._rows]
+        tokens = next_tokens(logits, [row.params for row in self._rows], banned)
+        now = time.time()
+        for row, token in zip(self._rows, tokens):
+            self._advance(row, token, now)
+        self.counters["steps"] += 1
+
+    def _apply(self, plan: StepPlan):
+        if self.broadcast:
+            self.broadcast(plan)
+        return self.state.apply(plan)
+
+    def _advance(self, row: _Row, token: int, now: float) -> None:
+        row.last = token
+        row.first_token_at = row.first_token_at or now
+        self.counters["tokens_generated"] += 1
+        generated = len(row.text.ids) + 1
+        if token == row.eos and generated > row.params.min_new_tokens:
+            row.text.ids.append(token)
+            return self._end(row, Finish.STOP.value)
+        stop = row.text.add(token)
+        if stop is not None:
+            return self._end(row, Finish.STOP.value)
+        if generated >= row.budget:
+            return self._end(row, Finish.LENGTH.value)
+        if row.params.stream:
+            piece = row.text.delta(final=False)
+            if piece:
+                self._emit(row, piece, None, now)
+
+    def _end(self, row: _Row, reason: str) -> None:
+        row.finish = reason
+        row.text.finish()
+        now = time.time()
+        piece = row.text.delta(final=True)
+        if row.params.return_full_text and not row.params.stream:
+            piece = self.tokenizer.decode(row.prompt, skip_special_tokens=True) + piece
+        self._emit(row, piece, reason, now)
+        row.request.pending -= 1
+        if row.request.pending == 0:
+            self._finish_request(row.request, "cancelled" if reason == "cancelled" else "ok")
+
+    def _emit(self, row: _Row, text: str, reason: Optional[str], now: float) -> None:
+        started = row.request.info.arrived_at
+        self._deliver(row.request, TokenEvent(
+            index=row.index, text=text, token_count=len(row.text.ids),
+            prompt_length=len(row.prompt), finish_reason=reason,
+            time_to_first_token_s=(row.first_token_at - started) if row.first_token_at else None,
+            total_time_s=(now - started) if reason else None))
+
+    def _deliver(self, request: _Request, event: TokenEvent) -> None:
+        try:
+            request.sink(event)
+        except Exception:  # a broken sink must not stop the other rows
+            log.exception("delivering tokens of request %s failed", request.info.request_id)
+            request.cancelled = True
+
+    def _cancel_queued(self, request: _Request) -> None:
+        for index in range(request.admitted, len(request.prompts)):
+            self._deliver(request, TokenEvent(index, "", 0, len(request.prompts[index]),
+                                              Finish.CANCELLED.value))
+        request.pending -= len(request.prompts) - request.admitted
+        request.admitted = len(request.prompts)
+        if request.pending == 0:
+            self._finish_request(request, "cancelled")
+
+    def _finish_request(self, request: _Request, outcome: str) -> None:
+        self.counters["finished" if outcome == "ok" else "cancelled"] += 1
+        if self.on_finished:
+            self.on_finished(request.info, outcome)
+
+    def _cancel_all(self, why: str) -> None:
+        for row in self._rows:
+            if row.finish is None:
+                self._end(row, Finish.CANCELLED.value)
+        self._rows = []
+        with self._cond:
+            while self._queue:
+                self._cancel_queued(self._queue.popleft())
+        log.info("engine loop stopped: %s", why)
+
+
+def follow(state: BatchState, receive: Callable[[], StepPlan]) -> None:
+    """The loop of ranks > 0: apply every plan rank 0 broadcasts until shutdown."""
+    with torch.inference_mode():
+        while True:
+            plan = receive()
+            if plan.shutdown:
+                return
+            state.apply(plan)

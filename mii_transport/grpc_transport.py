@@ -1,0 +1,65 @@
+"""The ``grpc`` transport plugin: replica servers, the load balancer and client connections."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable, List
+
+from mii_core.config import MIIConfig
+from mii_core.interfaces import GenerationService, Scheduler
+from mii_transport.grpc_client import GrpcConnection, is_serving
+from mii_transport.grpc_server import ReplicaServicer, run_server
+from mii_transport.load_balancer import LoadBalancerServicer
+
+log = logging.getLogger(__name__)
+
+
+class GrpcTransport:
+    """gRPC (grpc.aio) with the standard grpc.health.v1 service."""
+
+    name = "grpc"
+
+    def serve_replica(self, service: GenerationService, config: MIIConfig, replica: int,
+                      port: int, on_terminate: Callable[[], None]) -> None:
+        """Serve one replica on 127.0.0.1:``port`` until SIGTERM (blocks)."""
+        describe = {"role": "replica", "replica": replica, "deployment": config.deployment_name,
+                    "model": config.model_conf.model_name_or_path,
+                    "engine": config.model_conf.engine}
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            servicer = ReplicaServicer(service, replica, describe, on_terminate)
+            await run_server(servicer, f"127.0.0.1:{port}", stop,
+                             on_started=lambda: log.info("[progress] replica %d serving on "
+                                                         "port %d", replica, port))
+
+        asyncio.run(main())
+
+    def serve_load_balancer(self, config: MIIConfig, replica_addresses: List[str],
+                            scheduler: Scheduler, on_terminate: Callable[[], None]) -> None:
+        """Serve the deployment's client-facing port until SIGTERM (blocks)."""
+        describe = {"deployment": config.deployment_name, "scheduler": config.scheduler,
+                    "model": config.model_conf.model_name_or_path,
+                    "engine": config.model_conf.engine}
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            servicer = LoadBalancerServicer(replica_addresses, scheduler, describe, on_terminate)
+            watcher = asyncio.create_task(servicer.watch_health(stop))
+            try:
+                await run_server(servicer, f"{config.host}:{config.port_number}", stop,
+                                 serving=lambda: servicer.serving)
+            finally:
+                stop.set()
+                await watcher
+                await servicer.close()
+
+        asyncio.run(main())
+
+    def is_serving(self, address: str, timeout: float) -> bool:
+        """Health check of ``host:port``."""
+        return is_serving(address, timeout)
+
+    def connect(self, host: str, port: int) -> GrpcConnection:
+        """A client connection."""
+        return GrpcConnection(host, port)
