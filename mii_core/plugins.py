@@ -6,6 +6,7 @@ A plugin that fails to import is reported by name, never silently dropped.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -44,18 +45,29 @@ def _manager(group: str, failures: list) -> ExtensionManager:
     return ExtensionManager(group, invoke_on_load=False, on_load_failure_callback=failed)
 
 
-def _describe(kind: str, entry_point: Any, error: str = "") -> PluginInfo:
-    dist = getattr(entry_point, "dist", None)
-    return PluginInfo(kind, entry_point.name, entry_point.value,
-                      getattr(dist, "name", "?"), getattr(dist, "version", "?"), error)
+def _owners(group: str) -> dict:
+    """(name, target) -> (distribution, version) for every entry point of ``group``."""
+    owners = {}
+    for dist in importlib.metadata.distributions():
+        for entry_point in dist.entry_points:
+            if entry_point.group == group:
+                owners[(entry_point.name, entry_point.value)] = (dist.metadata["Name"],
+                                                                 dist.version)
+    return owners
+
+
+def _describe(kind: str, entry_point: Any, owners: dict, error: str = "") -> PluginInfo:
+    dist, version = owners.get((entry_point.name, entry_point.value), ("?", "?"))
+    return PluginInfo(kind, entry_point.name, entry_point.value, dist, version, error)
 
 
 def discover(kind: str) -> List[PluginInfo]:
     """Every entry point of ``kind`` (engine, scheduler, transport, plugin), broken ones included."""
     failures: list = []
     manager = _manager(GROUPS[kind], failures)
-    found = [_describe(kind, ext.entry_point) for ext in manager.extensions]
-    found += [_describe(kind, ep, f"{type(err).__name__}: {err}") for ep, err in failures]
+    owners = _owners(GROUPS[kind])
+    found = [_describe(kind, ext.entry_point, owners) for ext in manager.extensions]
+    found += [_describe(kind, ep, owners, f"{type(err).__name__}: {err}") for ep, err in failures]
     return sorted(found, key=lambda info: info.name)
 
 

@@ -11,6 +11,8 @@ from mii_core.errors import PortInUseError
 def is_port_free(port: int, host: str = "127.0.0.1") -> bool:
     """True if ``port`` can be bound on ``host`` right now."""
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        # Like the servers we start: TIME_WAIT leftovers must not count as "in use".
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

@@ -5,8 +5,6 @@ from mii_core.config import MIIConfig, ModelConfig
 from mii_core.errors import ConfigError
 from mii_core.interfaces import LoadedModel, RankInfo
 from mii_core.plugins import hookimpl
-from mii_engines.loading import (context_length, device_of, load_hf_model, load_tokenizer,
-                                 resolve_dtype)
 
 
 class TransformersEngine:
@@ -28,6 +26,10 @@ class TransformersEngine:
 
     def load(self, model_config: ModelConfig, rank: RankInfo) -> LoadedModel:
         """Load model and tokenizer onto the rank's device."""
+        # Imported here so that serve() can validate with this class without importing torch.
+        from mii_engines.loading import (context_length, device_of, load_hf_model,
+                                         load_tokenizer, resolve_dtype)
+
         device = device_of(rank)
         dtype = resolve_dtype(model_config.dtype, device)
         model = load_hf_model(model_config, dtype, device)

@@ -5,6 +5,7 @@ Every failed RPC is re-raised as the matching ``mii.errors`` exception.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 from typing import Any, AsyncIterator, Dict, Iterator, List, Optional
 
@@ -15,9 +16,7 @@ from mii_core.config import GenerateParamsConfig
 from mii_core.response import Response
 from mii_transport import codec, status
 from mii_transport.generated import mii_pb2, mii_pb2_grpc
-from mii_transport.grpc_server import SERVER_OPTIONS
-
-CHANNEL_OPTIONS = SERVER_OPTIONS[:2]
+from mii_transport.grpc_server import CHANNEL_OPTIONS
 
 
 class GrpcConnection:
@@ -26,6 +25,8 @@ class GrpcConnection:
     def __init__(self, host: str, port: int) -> None:
         self.address = f"{host}:{port}"
         self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        # Closing at exit avoids grpc's occasional hang in interpreter shutdown.
+        atexit.register(self._channel.close)
         self._stub = mii_pb2_grpc.MIIServiceStub(self._channel)
         self._aio: Dict[int, Any] = {}  # one aio channel per event loop
 
@@ -106,6 +107,7 @@ class GrpcConnection:
 
     def close(self) -> None:
         """Close channels (aio channels of other loops are dropped)."""
+        atexit.unregister(self._channel.close)
         self._channel.close()
         self._aio.clear()
 
@@ -114,7 +116,7 @@ def is_serving(address: str, timeout: float = 1.0,
                channel: Optional[grpc.Channel] = None) -> bool:
     """Health-check ``address`` (grpc.health.v1, overall service)."""
     own = channel is None
-    channel = channel or grpc.insecure_channel(address)
+    channel = channel or grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
     try:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
                                                            timeout=timeout)

@@ -26,6 +26,13 @@ SERVER_OPTIONS = [
     # Without this a second server could silently share a busy port.
     ("grpc.so_reuseport", 0),
 ]
+# Peers that are still starting refuse connections; grpc's default reconnect backoff
+# (1 s, growing) would then delay noticing them by seconds.
+CHANNEL_OPTIONS = SERVER_OPTIONS[:2] + [
+    ("grpc.initial_reconnect_backoff_ms", 50),
+    ("grpc.min_reconnect_backoff_ms", 50),
+    ("grpc.max_reconnect_backoff_ms", 500),
+]
 
 
 class ReplicaServicer(mii_pb2_grpc.MIIServiceServicer):

@@ -20,10 +20,11 @@ from mii_core.errors import DeploymentUnavailable, MIIError
 from mii_core.interfaces import Scheduler
 from mii_transport import status
 from mii_transport.generated import mii_pb2, mii_pb2_grpc
-from mii_transport.grpc_server import SERVER_OPTIONS
+from mii_transport.grpc_server import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)
 HEALTH_INTERVAL_S = 0.25
+STARTUP_HEALTH_INTERVAL_S = 0.05  # poll faster until every replica answered once
 
 
 class Replica:
@@ -32,7 +33,7 @@ class Replica:
     def __init__(self, index: int, address: str) -> None:
         self.index = index
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=SERVER_OPTIONS[:2])
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = mii_pb2_grpc.MIIServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.healthy = False
@@ -75,7 +76,9 @@ class LoadBalancerServicer(mii_pb2_grpc.MIIServiceServicer):
         while not stop.is_set():
             await asyncio.gather(*(r.check() for r in self.replicas))
             try:
-                await asyncio.wait_for(stop.wait(), HEALTH_INTERVAL_S)
+                started = all(r.ever_healthy for r in self.replicas)
+                await asyncio.wait_for(stop.wait(), HEALTH_INTERVAL_S if started
+                                       else STARTUP_HEALTH_INTERVAL_S)
             except asyncio.TimeoutError:
                 pass
 
