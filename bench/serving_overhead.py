@@ -1,0 +1,133 @@
+"""CPU benchmark of the serving path on the tiny model (not a test).
+
+Measures, in one run on this machine:
+- seconds from ``mii.serve()`` to the first reply (fresh deployment each time);
+- per-request latency of the same greedy request through ``mii`` (client -> load
+  balancer -> replica -> engine) versus the engine loop called in-process, and
+  their ratio.
+
+    python bench/serving_overhead.py [--runs 3] [--requests 50] [--out bench/results/serving_cpu.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mii
+from mii.testing.tiny_model import ensure_tiny_model
+from mii_core.ports import free_port
+
+PROMPT = "DeepSpeed is"
+PARAMS = dict(do_sample=False, max_new_tokens=8, ignore_eos=True)
+
+
+def startup_seconds(model: str, runs: int) -> list[float]:
+    """serve() -> first reply, then terminate; ``runs`` fresh deployments."""
+    times = []
+    for index in range(runs):
+        started = time.perf_counter()
+        client = mii.serve(model, deployment_name=f"bench-startup-{index}",
+                           port_number=free_port())
+        client(PROMPT, **PARAMS)
+        times.append(time.perf_counter() - started)
+        client.terminate_server()
+    return times
+
+
+def served_latencies(model: str, requests: int) -> tuple[list[float], str]:
+    """Sequential requests through the whole serving path."""
+    client = mii.serve(model, deployment_name="bench-overhead", port_number=free_port())
+    try:
+        engine = client.info()["engine"]
+        for _ in range(5):
+            client(PROMPT, **PARAMS)
+        latencies = []
+        for _ in range(requests):
+            started = time.perf_counter()
+            client(PROMPT, **PARAMS)
+            latencies.append(time.perf_counter() - started)
+        return latencies, engine
+    finally:
+        client.terminate_server()
+
+
+def in_process_latencies(model: str, requests: int) -> list[float]:
+    """The same requests submitted to the engine loop in this process."""
+    from mii_core.config import GenerateParamsConfig, ModelConfig
+    from mii_core.interfaces import RankInfo
+    from mii_engines.generator import Generator
+    from mii_engines.transformers_engine import TransformersEngine
+
+    import torch
+
+    from mii_core.launcher import threads_per_rank
+
+    torch.set_num_threads(threads_per_rank(1))  # the same policy a served replica gets
+    rank = RankInfo(replica=0, rank=0, world_size=1, local_rank=0, device="cpu", dist_port=0)
+    loaded = TransformersEngine().load(ModelConfig(model_name_or_path=model), rank)
+    generator = Generator(loaded, 0, max_batch_size=64, max_queue_size=64)
+    loop = threading.Thread(target=generator.run, daemon=True)
+    loop.start()
+    params = GenerateParamsConfig(**PARAMS)
+
+    def one() -> float:
+        done = threading.Event()
+        started = time.perf_counter()
+        generator.submit([PROMPT], params, lambda e: e.finish_reason and done.set())
+        done.wait()
+        return time.perf_counter() - started
+
+    try:
+        for _ in range(5):
+            one()
+        return [one() for _ in range(requests)]
+    finally:
+        generator.stop()
+        loop.join()
+
+
+def main() -> int:
+    """Run, print a table and write JSON."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=50)
+    parser.add_argument("--out", default="bench/results/serving_cpu.json")
+    args = parser.parse_args()
+    os.environ.setdefault("MII_QUIET", "1")
+    model = str(ensure_tiny_model())
+    startup = startup_seconds(model, args.runs)
+    served, engine = served_latencies(model, args.requests)
+    local = in_process_latencies(model, args.requests)
+    served_ms, local_ms = statistics.median(served) * 1e3, statistics.median(local) * 1e3
+    result = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}",
+        "model": "tiny llama (mii.testing.tiny_model)", "engine_served": engine,
+        "request": {"prompt": PROMPT, **PARAMS},
+        "startup_s": [round(t, 2) for t in startup],
+        "startup_s_median": round(statistics.median(startup), 2),
+        "served_ms_p50": round(served_ms, 2),
+        "served_ms_p99": round(sorted(served)[int(0.99 * (len(served) - 1))] * 1e3, 2),
+        "in_process_ms_p50": round(local_ms, 2),
+        "overhead_ms_p50": round(served_ms - local_ms, 2),
+        "served_over_in_process": round(served_ms / local_ms, 3),
+        "requests": args.requests, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
+    print(f"| serve() -> first reply (median of {args.runs}) | {result['startup_s_median']} s |")
+    print(f"| request p50 through mii ({engine}) | {served_ms:.2f} ms |")
+    print(f"| request p50 in-process engine loop | {local_ms:.2f} ms |")
+    print(f"| ratio served / in-process | {result['served_over_in_process']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
