@@ -22,7 +22,7 @@ from mii_core.errors import (ConfigError, DeploymentExistsError, DeploymentNotFo
                              DeploymentStartupError, DistributedLaunchError, MIIError)
 from mii_core.kwargs import parse_serve_kwargs
 from mii_core.model_source import check_tensor_parallel, model_dir_config
-from mii_core.plugins import hooks, load_driver, register_driver, resolve_engine_name
+from mii_core.plugins import driver_hooks, hooks, load_driver, resolve_engine_name
 from mii_core.ports import free_port, free_ports, is_port_free, require_free
 from mii_core.registry import DeploymentRecord, ReplicaRecord
 
@@ -48,16 +48,16 @@ def prepare(mii_config: MIIConfig) -> MIIConfig:
     model = mii_config.model_conf
     model.engine = resolve_engine_name(model.engine)
     engine = load_driver("engine", model.engine)()
-    register_driver(engine, "engine")
     load_driver("scheduler", mii_config.scheduler)
     load_driver("transport", mii_config.transport)
     check_tensor_parallel(model_dir_config(model), model.tensor_parallel)
-    try:
-        hooks().mii_validate_config(mii_config=mii_config)
-    except MIIError:
-        raise
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    with driver_hooks(engine, "engine"):
+        try:
+            hooks().mii_validate_config(mii_config=mii_config)
+        except MIIError:
+            raise
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     return mii_config
 
 

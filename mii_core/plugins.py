@@ -6,11 +6,12 @@ A plugin that fails to import is reported by name, never silently dropped.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import logging
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, Iterator, List, Optional
 
 import pluggy
 from stevedore import ExtensionManager
@@ -127,6 +128,22 @@ def register_driver(driver: Any, kind: str) -> None:
     name = f"{kind}:{type(driver).__module__}.{type(driver).__qualname__}"
     if manager.get_plugin(name) is None:
         manager.register(driver, name=name)
+
+
+@contextlib.contextmanager
+def driver_hooks(driver: Any, kind: str) -> Iterator[None]:
+    """Register ``driver``'s hooks for the duration of a block (one ``serve()`` call),
+    so a driver chosen by an earlier deployment in the same process does not vote."""
+    manager = plugin_manager()
+    name = f"{kind}:{type(driver).__module__}.{type(driver).__qualname__}"
+    added = manager.get_plugin(name) is None
+    if added:
+        manager.register(driver, name=name)
+    try:
+        yield
+    finally:
+        if added:
+            manager.unregister(name=name)
 
 
 def hooks() -> Any:

@@ -9,7 +9,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, List
+from typing import Dict, Iterator, List
 
 import pytest
 
@@ -24,20 +24,21 @@ os.environ.pop("RANK", None)
 os.environ.pop("LOCAL_RANK", None)
 
 
-def our_processes() -> List[int]:
-    """Pids of processes started by this test session's deployments (found by MII_HOME)."""
-    pids = []
+def our_processes() -> Dict[int, str]:
+    """pid -> deployment record path, for processes started by this session's deployments."""
+    found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            args = Path(f"/proc/{entry}/cmdline").read_bytes().decode().split("\0")
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        if _HOME in cmdline and stat.rsplit(")", 1)[1].split()[0] != "Z":
-            pids.append(int(entry))
-    return pids
+        records = [a for a in args if a.startswith(_HOME)]
+        if records and stat.rsplit(")", 1)[1].split()[0] != "Z":
+            found[int(entry)] = records[0]
+    return found
 
 
 def kill_ours() -> None:
@@ -50,23 +51,29 @@ def kill_ours() -> None:
 
 
 @pytest.fixture(autouse=True)
-def no_leaked_processes(request) -> Iterator[None]:
-    """Fail a test that leaves a deployment process behind (module deployments excepted)."""
-    before = set(our_processes())
+def no_leaked_processes() -> Iterator[None]:
+    """Fail a test that leaves processes of a deployment it started running.
+
+    Deployments that were already running before the test (module fixtures) may
+    restart their processes; anything belonging to a new deployment must be gone.
+    """
+    existing = set(our_processes().values())
     yield
+
+    def leaked() -> List[int]:
+        return sorted(p for p, record in our_processes().items() if record not in existing)
+
     deadline = time.time() + 10
-    leaked = set(our_processes()) - before
-    while leaked and time.time() < deadline:
+    while leaked() and time.time() < deadline:
         time.sleep(0.1)
-        leaked = set(our_processes()) - before
-    if leaked:
-        kill_ours_from = sorted(leaked)
-        for pid in kill_ours_from:
+    left = leaked()
+    if left:
+        for pid in left:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        pytest.fail(f"test leaked processes {kill_ours_from}")
+        pytest.fail(f"test leaked processes {left}")
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
