@@ -36,7 +36,8 @@ MODELS = (config.ModelConfig, config.MIIConfig, config.GenerateParamsConfig,
           config.ReplicaConfig)
 INTRO = {
     "ModelConfig": "Passed as `serve(model_config={...})`, as "
-                   "`mii_config={'model_config': {...}}`, or as keyword arguments of `mii.serve()`.",
+                   "`mii_config={'model_config': {...}}`, or as keyword arguments of "
+                   "`mii.serve()`.",
     "MIIConfig": "Passed as `serve(mii_config={...})` or as keyword arguments of `mii.serve()`.",
     "GenerateParamsConfig": "Keyword arguments of `client(...)`, `client.generate()`, "
                             "`client.stream()`, `client.agenerate()` and `client.astream()`; "
@@ -154,7 +155,7 @@ def render() -> str:
         f"*Generated from `mii_core/config.py` by `{COMMAND}`; "
         "`tests/test_docs.py` fails when this file is out of date.*",
         "",
-        "Every model is importable from `mii.config` (and `mii`). Constraints `>`, `>=`, `<=` "
+        "Every model is importable from `mii.config`. Constraints `>`, `>=`, `<=` "
         "are pydantic field bounds; \"validator\" names a function in `mii_core/config.py` "
         "that checks or normalizes the value further. Fields marked \"(mii extension)\" "
         "do not exist in DeepSpeed-MII 0.3.",

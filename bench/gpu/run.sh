@@ -1,0 +1,80 @@
+#!/bin/bash
+# The GPU benchmark in one command (device: nvidia-h100-x2; carry [".whl"]):
+#   bash bench/gpu/run.sh                 # install build B_ds B_tf A_hf C_tp2 C_rep
+#   bash bench/gpu/run.sh C_tp2 C_rep     # a subset (install and build run when needed)
+# Every phase is its own process under `timeout`, limited by what is left of
+# BENCH_BUDGET_S (default 540 s from the start); after each phase cleanup.py stops any
+# deployment of ours still alive. Results: $OUT/gpu_bench.jsonl, $OUT/summary.txt,
+# $OUT/bench.log (all output), $OUT/deploy_logs.txt (log tails of failed deployments).
+# CPU dry run: BENCH_TINY=1 NO_INSTALL=1 PY=.venv/bin/python bash bench/gpu/run.sh
+set -u
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$REPO" || exit 1
+START=$(date +%s)
+BUDGET=${BENCH_BUDGET_S:-540}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 DS_BUILD_OPS=0
+export TOKENIZERS_PARALLELISM=false MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MII_HOME=${MII_HOME:-/tmp/mii_home}
+export OUT=${OUT:-/tmp/gpu_bench_out}
+export PY=${PY:-python3} SITE=${SITE:-/tmp/site}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/bench.log") 2>&1
+if [ "${NO_INSTALL:-0}" = 1 ]; then
+  export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+else
+  export PYTHONPATH=$SITE:$REPO
+fi
+if [ "${BENCH_TINY:-0}" = 1 ]; then
+  export MODEL_DIR=${MODEL_DIR:-/tmp/mii_tiny_bench}
+else
+  export MODEL_DIR=${MODEL_DIR:-/tmp/llama1b}
+fi
+PHASES=${*:-"install build B_ds B_tf A_hf C_tp2 C_rep"}
+echo "=== gpu bench $(date -u +%FT%TZ) phases: $PHASES budget ${BUDGET}s model $MODEL_DIR"
+nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"
+GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+
+jline() { printf '%s\n' "$1" >> "$OUT/gpu_bench.jsonl"; echo "RESULT $1"; }
+
+run_phase() {  # NAME MAX_SECONDS COMMAND...
+  local name=$1 max=$2; shift 2
+  local left=$(( START + BUDGET - $(date +%s) ))
+  local limit=$(( max < left ? max : left ))
+  if [ "$limit" -lt 25 ]; then
+    echo "=== skip $name: ${left}s left of the budget"
+    jline "{\"kind\":\"phase_end\",\"name\":\"$name\",\"rc\":\"skipped\",\"seconds\":0,\"limit_s\":$limit}"
+    return
+  fi
+  echo "=== phase $name (limit ${limit}s) at $(date +%T)"
+  local t0=$(date +%s)
+  timeout -k 15 "$limit" "$@"
+  local rc=$?
+  [ "$name" != install ] && timeout 60 "$PY" bench/gpu/cleanup.py "$name"
+  jline "{\"kind\":\"phase_end\",\"name\":\"$name\",\"rc\":$rc,\"seconds\":$(( $(date +%s) - t0 )),\"limit_s\":$limit}"
+}
+
+timeout 60 "$PY" bench/gpu/cleanup.py pre 2>/dev/null  # leftovers of an earlier call on a warm machine
+for phase in $PHASES; do
+  case $phase in
+    install) [ "${NO_INSTALL:-0}" = 1 ] || run_phase install 150 bash bench/gpu/install.sh ;;
+    build) [ -f "$MODEL_DIR/config.json" ] && echo "=== build: $MODEL_DIR exists" ||
+             run_phase build 120 "$PY" bench/gpu/anchors.py build ;;
+    B_ds) run_phase B_ds 170 "$PY" bench/gpu/serving_bench.py ours --engine deepspeed ;;
+    B_tf) run_phase B_tf 130 "$PY" bench/gpu/serving_bench.py ours --engine transformers ;;
+    A_hf) run_phase A_hf 230 "$PY" bench/gpu/anchors.py hf ;;
+    C_tp2|C_rep)
+      if [ "${BENCH_TINY:-0}" != 1 ] && [ "${GPUS:-0}" -lt 2 ]; then
+        jline "{\"kind\":\"phase_end\",\"name\":\"$phase\",\"rc\":\"skipped: $GPUS GPU(s)\",\"seconds\":0,\"limit_s\":0}"
+      elif [ "$phase" = C_tp2 ]; then
+        run_phase C_tp2 150 "$PY" bench/gpu/serving_bench.py tp2 --engine deepspeed
+      else
+        run_phase C_rep 130 "$PY" bench/gpu/serving_bench.py replicas --engine deepspeed
+      fi ;;
+    *) echo "unknown phase $phase" ;;
+  esac
+done
+left_over=$(ps -eo pid,args | grep -E 'mii_engines\.replica_main|mii_core\.(supervisor|lb_main)' | grep -v grep)
+[ -n "$left_over" ] && echo "=== WARNING: mii processes still running:" && echo "$left_over"
+echo "=== total $(( $(date +%s) - START ))s"
+"$PY" bench/gpu/summarize.py --write
