@@ -3,8 +3,8 @@
 Measures, in one run on this machine:
 - seconds from ``mii.serve()`` to the first reply (fresh deployment each time);
 - per-request latency of the same greedy request through ``mii`` (client -> load
-  balancer -> replica -> engine) versus the engine loop called in-process, and
-  their ratio.
+  balancer -> replica -> engine), straight to the replica's port (the load
+  balancer's hop is the difference), and the engine loop called in-process.
 
     python bench/serving_overhead.py [--runs 3] [--requests 50] [--out bench/results/serving_cpu.json]
 """
@@ -41,19 +41,29 @@ def startup_seconds(model: str, runs: int) -> list[float]:
     return times
 
 
-def served_latencies(model: str, requests: int) -> tuple[list[float], str]:
-    """Sequential requests through the whole serving path."""
+def _timed(call, requests: int) -> list[float]:
+    for _ in range(5):
+        call()
+    latencies = []
+    for _ in range(requests):
+        started = time.perf_counter()
+        call()
+        latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+def served_latencies(model: str, requests: int) -> tuple[list[float], list[float], str]:
+    """Sequential requests through the load balancer, then straight to the replica."""
+    from mii_core import registry
+
     client = mii.serve(model, deployment_name="bench-overhead", port_number=free_port())
     try:
         engine = client.info()["engine"]
-        for _ in range(5):
-            client(PROMPT, **PARAMS)
-        latencies = []
-        for _ in range(requests):
-            started = time.perf_counter()
-            client(PROMPT, **PARAMS)
-            latencies.append(time.perf_counter() - started)
-        return latencies, engine
+        replica_port = registry.load("bench-overhead").replicas[0].port
+        direct = mii.MIIClient(client.mii_config, port=replica_port)
+        through_lb = _timed(lambda: client(PROMPT, **PARAMS), requests)
+        to_replica = _timed(lambda: direct(PROMPT, **PARAMS), requests)
+        return through_lb, to_replica, engine
     finally:
         client.terminate_server()
 
@@ -93,6 +103,10 @@ def in_process_latencies(model: str, requests: int) -> list[float]:
         loop.join()
 
 
+def _p99(values: list[float]) -> float:
+    return sorted(values)[int(0.99 * (len(values) - 1))]
+
+
 def main() -> int:
     """Run, print a table and write JSON."""
     parser = argparse.ArgumentParser()
@@ -103,9 +117,10 @@ def main() -> int:
     os.environ.setdefault("MII_QUIET", "1")
     model = str(ensure_tiny_model())
     startup = startup_seconds(model, args.runs)
-    served, engine = served_latencies(model, args.requests)
+    served, direct, engine = served_latencies(model, args.requests)
     local = in_process_latencies(model, args.requests)
     served_ms, local_ms = statistics.median(served) * 1e3, statistics.median(local) * 1e3
+    direct_ms = statistics.median(direct) * 1e3
     result = {
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}",
         "model": "tiny llama (mii.testing.tiny_model)", "engine_served": engine,
@@ -113,7 +128,11 @@ def main() -> int:
         "startup_s": [round(t, 2) for t in startup],
         "startup_s_median": round(statistics.median(startup), 2),
         "served_ms_p50": round(served_ms, 2),
-        "served_ms_p99": round(sorted(served)[int(0.99 * (len(served) - 1))] * 1e3, 2),
+        "served_ms_p99": round(_p99(served) * 1e3, 2),
+        "direct_to_replica_ms_p50": round(direct_ms, 2),
+        "direct_to_replica_ms_p99": round(_p99(direct) * 1e3, 2),
+        "load_balancer_hop_ms_p50": round(served_ms - direct_ms, 3),
+        "load_balancer_hop_ms_p99": round((_p99(served) - _p99(direct)) * 1e3, 3),
         "in_process_ms_p50": round(local_ms, 2),
         "overhead_ms_p50": round(served_ms - local_ms, 2),
         "served_over_in_process": round(served_ms / local_ms, 3),
@@ -124,6 +143,8 @@ def main() -> int:
     print(json.dumps(result))
     print(f"| serve() -> first reply (median of {args.runs}) | {result['startup_s_median']} s |")
     print(f"| request p50 through mii ({engine}) | {served_ms:.2f} ms |")
+    print(f"| request p50 straight to the replica | {direct_ms:.2f} ms |")
+    print(f"| load-balancer hop p50 | {served_ms - direct_ms:.3f} ms |")
     print(f"| request p50 in-process engine loop | {local_ms:.2f} ms |")
     print(f"| ratio served / in-process | {result['served_over_in_process']} |")
     return 0

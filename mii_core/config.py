@@ -209,7 +209,7 @@ class MIIConfig(_Strict):
     max_queue_size: int = Field(1024, gt=0)
     """Requests a replica accepts before answering RESOURCE_EXHAUSTED. (mii extension)"""
     max_restarts: int = Field(3, ge=0)
-    """Restarts of a crashed replica before it is given up. (mii extension)"""
+    """Restarts of a crashed child (replica or load balancer) before the deployment stops. (mii extension)"""
 
     @model_validator(mode="after")
     def _fill_name(self) -> "MIIConfig":

@@ -3,8 +3,9 @@
 ``python -m mii_core.supervisor RECORD`` is started by ``serve()`` in a new
 session, so it outlives the caller and ignores the caller's Ctrl-C. It starts
 the replicas and the load balancer, each in its own process group, records
-their pids, restarts a replica that crashes after start-up (with backoff, a
-bounded number of times), and on SIGTERM / Terminate stops every process group,
+their pids, restarts a child that crashes after start-up (with backoff, at most
+``max_restarts`` times each; the load balancer is stateless and comes back on the
+same port, replicas are routed around meanwhile), and on SIGTERM / Terminate stops every process group,
 verifies every pid is gone and removes the registry record.
 """
 from __future__ import annotations
@@ -93,9 +94,9 @@ class Supervisor:
                 if self.record.state != "ready":
                     self._fail(f"{role} exited with status {_describe_status(code)} during start-up")
                     return 1
-                if not role.startswith("replica") or child.restarts >= self.config.max_restarts:
+                if child.restarts >= self.config.max_restarts:
                     self._fail(f"{role} exited with status {_describe_status(code)}; "
-                               f"{'no restarts left' if role.startswith('replica') else 'stopping'}")
+                               f"no restarts left (max_restarts={self.config.max_restarts})")
                     return 1
                 child.restart_at = time.time() + min(8.0, 0.5 * 2 ** child.restarts)
                 log.warning("%s exited with status %s; restart %d of %d in %.1fs", role,

@@ -24,6 +24,7 @@ from mii_core.errors import DeploymentUnavailable, InvalidGenerateParams, Server
 from mii_core.interfaces import LoadedModel, RequestInfo, TokenEvent
 from mii_engines.batch_state import BatchState, StepPlan
 from mii_engines.detokenize import TextStream
+from mii_engines.metrics import ServingMetrics
 from mii_engines.sampling import next_tokens
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class _Row:
     eos: Optional[int]
     started: float
     first_token_at: Optional[float] = None
+    last_token_at: Optional[float] = None
     last: Optional[int] = None
     finish: Optional[str] = None
     events: List[TokenEvent] = field(default_factory=list)
@@ -77,7 +79,8 @@ class Generator:
 
     def __init__(self, loaded: LoadedModel, replica: int, max_batch_size: int,
                  max_queue_size: int, broadcast: Optional[Callable[[StepPlan], None]] = None,
-                 on_finished: Optional[Callable[[RequestInfo, str], None]] = None) -> None:
+                 on_finished: Optional[Callable[[RequestInfo, str], None]] = None,
+                 on_started: Optional[Callable[[RequestInfo], None]] = None) -> None:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.replica = replica
@@ -86,6 +89,7 @@ class Generator:
         self.state = BatchState(loaded.model, loaded.device)
         self.broadcast = broadcast
         self.on_finished = on_finished
+        self.on_started = on_started
         self.eos = self.tokenizer.eos_token_id
         self._queue: Deque[_Request] = deque()
         self._rows: List[_Row] = []
@@ -94,11 +98,20 @@ class Generator:
         self._ids = itertools.count(1)
         self.counters: Dict[str, int] = {"requests": 0, "finished": 0, "cancelled": 0,
                                          "errors": 0, "tokens_generated": 0, "steps": 0}
+        self.metrics = ServingMetrics()
 
     # -- called from transport threads -------------------------------------------------
     def submit(self, prompts: List[str], params: GenerateParamsConfig,
                sink: Callable[[TokenEvent], None]) -> RequestHandle:
         """Tokenize and queue a request; invalid prompts raise InvalidGenerateParams."""
+        try:
+            return self._submit(prompts, params, sink)
+        except Exception:
+            self.metrics.requests["rejected"] += 1
+            raise
+
+    def _submit(self, prompts: List[str], params: GenerateParamsConfig,
+                sink: Callable[[TokenEvent], None]) -> RequestHandle:
         encoded, budgets = [], []
         for index, prompt in enumerate(prompts):
             ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -124,12 +137,15 @@ class Generator:
             self._queue.append(request)
             self.counters["requests"] += 1
             self._cond.notify()
+        if self.on_started:
+            self.on_started(info)
         return RequestHandle(self, request)
 
     def stats(self) -> Dict[str, Any]:
         """Counters plus current queue depth and batch size."""
         return dict(self.counters, queue_depth=len(self._queue), running=len(self._rows),
-                    replica=self.replica)
+                    replica=self.replica,
+                    metrics=self.metrics.snapshot(len(self._queue), len(self._rows)))
 
     def stop(self) -> None:
         """Ask the loop to finish (in-flight rows are cancelled)."""
@@ -217,8 +233,14 @@ class Generator:
 
     def _advance(self, row: _Row, token: int, now: float) -> None:
         row.last = token
-        row.first_token_at = row.first_token_at or now
+        if row.first_token_at is None:
+            row.first_token_at = now
+            self.metrics.time_to_first_token.observe(now - row.request.info.arrived_at)
+        else:
+            self.metrics.inter_token_latency.observe(now - row.last_token_at)
+        row.last_token_at = now
         self.counters["tokens_generated"] += 1
+        self.metrics.tokens_generated += 1
         generated = len(row.text.ids) + 1
         if token == row.eos and generated > row.params.min_new_tokens:
             row.text.ids.append(token)
@@ -237,6 +259,7 @@ class Generator:
         row.finish = reason
         row.text.finish()
         now = time.time()
+        self.metrics.end_to_end_latency.observe(now - row.request.info.arrived_at)
         piece = row.text.delta(final=True)
         if row.params.return_full_text and not row.params.stream:
             piece = self.tokenizer.decode(row.prompt, skip_special_tokens=True) + piece
@@ -271,6 +294,7 @@ class Generator:
 
     def _finish_request(self, request: _Request, outcome: str) -> None:
         self.counters["finished" if outcome == "ok" else "cancelled"] += 1
+        self.metrics.requests[outcome] += 1
         if self.on_finished:
             self.on_finished(request.info, outcome)
 

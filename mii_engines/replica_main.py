@@ -89,7 +89,8 @@ def serve(record: DeploymentRecord, replica: int, loaded, rank: RankInfo) -> Non
     generator = Generator(loaded, replica, config.model_conf.max_batch_size,
                           config.max_queue_size, broadcast=broadcast,
                           on_finished=lambda info, outcome: hooks().mii_request_finished(
-                              request=info, outcome=outcome))
+                              request=info, outcome=outcome),
+                          on_started=lambda info: hooks().mii_request_started(request=info))
     loop = threading.Thread(target=generator.run, name="engine-loop", daemon=True)
     loop.start()
     transport = load_driver("transport", config.transport)()

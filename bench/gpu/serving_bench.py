@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import sys
@@ -44,6 +45,8 @@ def serve_kwargs(args, **extra) -> Dict:
     if not TINY:
         kw["dtype"] = "bfloat16"
     kw.update(extra)
+    # e.g. BENCH_SERVE_EXTRA='{"inference_engine_config": {...}}' (applies to every deployment)
+    kw.update(json.loads(os.environ.get("BENCH_SERVE_EXTRA") or "{}"))
     return kw
 
 
@@ -63,11 +66,11 @@ async def deployment(phase: str, name: str, **kwargs):
     STARTED.append(name)
     started = time.perf_counter()
     try:
-        try:
-            client = mii.serve(MODEL_DIR, deployment_name=name, **kwargs)
-        except Exception as error:
-            common.append_deploy_log(f"{name}: serve() failed", str(error)[-6000:])
-            raise
+        client = mii.serve(MODEL_DIR, deployment_name=name, **kwargs)
+    except Exception as error:  # serve() stopped what it started; its message has the log tail
+        common.append_deploy_log(f"{name}: serve() failed", str(error)[-6000:])
+        raise
+    try:
         yield client, time.perf_counter() - started
     except BaseException as error:
         common.append_deploy_log(f"{name}: {type(error).__name__} during the phase",
@@ -292,7 +295,10 @@ def main() -> int:
         asyncio.run(PHASES[args.phase](args))
     except BaseException as error:  # noqa: BLE001 - SystemExit from SIGTERM included
         traceback.print_exc()
-        log(phase=label, error=f"{type(error).__name__}: {str(error)[:1500]}")
+        what = ("stopped by its timeout (SIGTERM); results above are partial"
+                if isinstance(error, SystemExit) and error.code == 143 else
+                f"{type(error).__name__}: {str(error)[:1500]}")
+        log(phase=label, error=what)
         status = 1
     finally:
         for name in STARTED:  # belt and braces: nothing of ours may outlive the phase
