@@ -4,6 +4,7 @@ Generate parameters and prompts are validated here, before anything is sent.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Union
 
@@ -21,18 +22,21 @@ class MIIClient:
     """Client of the deployment described by ``mii_config``, reached at ``host``.
 
     ``port`` defaults to ``mii_config.port_number``; ``timeout`` (seconds) bounds
-    every call unless a call passes its own.
+    every call unless a call passes its own; ``token`` (default: the config's
+    ``auth_token``, then ``$MII_AUTH_TOKEN``) authenticates every call.
     """
 
     def __init__(self, mii_config: MIIConfig, host: str = "localhost",
-                 port: Optional[int] = None, timeout: Optional[float] = None) -> None:
+                 port: Optional[int] = None, timeout: Optional[float] = None,
+                 token: Optional[str] = None) -> None:
         self.mii_config = mii_config
         self.task = mii_config.model_conf.task
         self.host = host
         self.port = port or mii_config.port_number
         self.timeout = timeout
         transport = load_driver("transport", mii_config.transport)()
-        self._conn = transport.connect(host, self.port)
+        token = token or mii_config.auth_token or os.environ.get("MII_AUTH_TOKEN") or None
+        self._conn = transport.connect(host, self.port, token)
         self._terminated = False
 
     @property

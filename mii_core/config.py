@@ -208,6 +208,9 @@ class MIIConfig(_Strict):
     """Seconds serve() waits for the deployment to answer. (mii extension)"""
     max_queue_size: int = Field(1024, gt=0)
     """Requests a replica accepts before answering RESOURCE_EXHAUSTED. (mii extension)"""
+    auth_token: Optional[str] = None
+    """Shared secret every call must carry (gRPC metadata / HTTP bearer); None: no check.
+    Kept in the registry record (mode 0600) so ``mii.client(name)`` reconnects. (mii extension)"""
     max_restarts: int = Field(3, ge=0)
     """Restarts of a crashed child (replica or load balancer) before the deployment stops. (mii extension)"""
 

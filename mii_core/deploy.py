@@ -188,32 +188,34 @@ def _abort(proc: subprocess.Popen, name: str) -> None:
 
 
 def client(model_or_deployment_name: str, host: Optional[str] = None,
-           port: Optional[int] = None) -> MIIClient:
+           port: Optional[int] = None, token: Optional[str] = None) -> MIIClient:
     """Connect to a running deployment by deployment name, model name/path, or ``host:port``."""
     target = model_or_deployment_name
     if port is None and ":" in target and target.rsplit(":", 1)[1].isdigit():
         target_host, target_port = target.rsplit(":", 1)
-        return _remote_client(target_host, int(target_port))
+        return _remote_client(target_host, int(target_port), token)
     if port is not None:
-        return _remote_client(host or "localhost", port)
+        return _remote_client(host or "localhost", port, token)
     names = [target] + ([default_deployment_name(target)]
                         if default_deployment_name(target) != target else [])
     for name in names:
         record = registry.find_live(name)
         if record is not None:
-            return MIIClient(record.mii_config, host=host or record.host, port=record.port)
+            return MIIClient(record.mii_config, host=host or record.host, port=record.port,
+                             token=token)
     running = [r.name for r in registry.list_records() if registry.supervisor_alive(r)]
     raise DeploymentNotFoundError(
         f"no running deployment named {' or '.join(repr(n) for n in names)}; running: "
         f"{', '.join(running) or 'none'}. Start one with mii.serve(...)")
 
 
-def _remote_client(host: str, port: int) -> MIIClient:
+def _remote_client(host: str, port: int, token: Optional[str]) -> MIIClient:
     """A client for a deployment known only by address; its config comes from Info."""
-    probe = MIIClient(MIIConfig(model_config={"model_name_or_path": "remote"}), host, port)
+    probe = MIIClient(MIIConfig(model_config={"model_name_or_path": "remote"}), host, port,
+                      token=token)
     info: Dict[str, Any] = probe.info()
     config = MIIConfig(deployment_name=info.get("deployment", f"{host}:{port}"),
                        port_number=port, scheduler=info.get("scheduler", "round_robin"),
                        model_config={"model_name_or_path": info.get("model", "remote"),
                                      "engine": info.get("engine", "auto")})
-    return MIIClient(config, host, port)
+    return MIIClient(config, host, port, token=token)

@@ -16,14 +16,16 @@ from mii_core.config import GenerateParamsConfig
 from mii_core.response import Response
 from mii_transport import codec, status
 from mii_transport.generated import mii_pb2, mii_pb2_grpc
+from mii_transport.auth import auth_metadata
 from mii_transport.grpc_server import CHANNEL_OPTIONS
 
 
 class GrpcConnection:
     """A connection to a deployment (load balancer) or a single replica."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, token: Optional[str] = None) -> None:
         self.address = f"{host}:{port}"
+        self._metadata = auth_metadata(token)
         self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         # Closing at exit avoids grpc's occasional hang in interpreter shutdown.
         atexit.register(self._channel.close)
@@ -37,7 +39,8 @@ class GrpcConnection:
                  timeout: Optional[float] = None) -> List[Response]:
         """Unary generate."""
         try:
-            reply = self._stub.Generate(codec.request_to_proto(prompts, params), timeout=timeout)
+            reply = self._stub.Generate(codec.request_to_proto(prompts, params), timeout=timeout,
+                                        metadata=self._metadata)
         except grpc.RpcError as error:
             self._raise(error)
         return codec.responses_from_reply(reply)
@@ -45,7 +48,8 @@ class GrpcConnection:
     def stream(self, prompts: List[str], params: GenerateParamsConfig,
                timeout: Optional[float] = None) -> Iterator[Response]:
         """Streaming generate: incremental Responses (``.index`` says which prompt)."""
-        call = self._stub.GenerateStream(codec.request_to_proto(prompts, params), timeout=timeout)
+        call = self._stub.GenerateStream(codec.request_to_proto(prompts, params), timeout=timeout,
+                                         metadata=self._metadata)
         try:
             for reply in call:
                 for completion in reply.completions:
@@ -68,7 +72,7 @@ class GrpcConnection:
         """Unary generate for asyncio code."""
         try:
             reply = await self._aio_stub().Generate(codec.request_to_proto(prompts, params),
-                                                    timeout=timeout)
+                                                    timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             self._raise(error)
         return codec.responses_from_reply(reply)
@@ -77,7 +81,7 @@ class GrpcConnection:
                       timeout: Optional[float] = None) -> AsyncIterator[Response]:
         """Streaming generate for asyncio code."""
         call = self._aio_stub().GenerateStream(codec.request_to_proto(prompts, params),
-                                               timeout=timeout)
+                                               timeout=timeout, metadata=self._metadata)
         try:
             async for reply in call:
                 for completion in reply.completions:
@@ -90,14 +94,16 @@ class GrpcConnection:
     def info(self, timeout: float = 10.0) -> Dict[str, Any]:
         """The server's Info reply as a dict."""
         try:
-            return json.loads(self._stub.Info(mii_pb2.InfoRequest(), timeout=timeout).json)
+            return json.loads(self._stub.Info(mii_pb2.InfoRequest(), timeout=timeout,
+                                              metadata=self._metadata).json)
         except grpc.RpcError as error:
             self._raise(error)
 
     def terminate(self, timeout: float = 10.0) -> None:
         """Ask the deployment to stop."""
         try:
-            self._stub.Terminate(mii_pb2.TerminateRequest(), timeout=timeout)
+            self._stub.Terminate(mii_pb2.TerminateRequest(), timeout=timeout,
+                                 metadata=self._metadata)
         except grpc.RpcError as error:
             self._raise(error)
 

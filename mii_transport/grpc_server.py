@@ -8,7 +8,7 @@ import asyncio
 import json
 import os
 import signal
-from typing import AsyncIterator, Callable, Dict, List
+from typing import AsyncIterator, Callable, Dict, List, Optional
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -18,6 +18,7 @@ from mii_core.errors import MIIError, PortInUseError
 from mii_core.interfaces import GenerationService, TokenEvent
 from mii_core.kwargs import check_prompts
 from mii_transport import codec, status
+from mii_transport.auth import TokenInterceptor
 from mii_transport.generated import mii_pb2, mii_pb2_grpc
 
 SERVER_OPTIONS = [
@@ -106,13 +107,15 @@ def _completion(event: TokenEvent, text: str) -> mii_pb2.Completion:
 
 async def run_server(servicer: mii_pb2_grpc.MIIServiceServicer, address: str,
                      stop: asyncio.Event, on_started: Callable[[], None] = lambda: None,
-                     serving: Callable[[], bool] = lambda: True) -> None:
+                     serving: Callable[[], bool] = lambda: True,
+                     token: Optional[str] = None) -> None:
     """Serve ``servicer`` plus grpc.health.v1 on ``address`` until ``stop`` is set.
 
-    SIGTERM and SIGINT set ``stop``; shutdown reports NOT_SERVING first, then gives
+    With ``token`` every call but the health check must carry it. SIGTERM and SIGINT set ``stop``; shutdown reports NOT_SERVING first, then gives
     in-flight calls a short grace period. Health is SERVING while ``serving()``.
     """
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    interceptors = [TokenInterceptor(token)] if token else []
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     mii_pb2_grpc.add_MIIServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

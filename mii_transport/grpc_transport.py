@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 from mii_core.config import MIIConfig
 from mii_core.interfaces import GenerationService, Scheduler
@@ -31,7 +31,8 @@ class GrpcTransport:
             servicer = ReplicaServicer(service, replica, describe, on_terminate)
             await run_server(servicer, f"127.0.0.1:{port}", stop,
                              on_started=lambda: log.info("[progress] replica %d serving on "
-                                                         "port %d", replica, port))
+                                                         "port %d", replica, port),
+                             token=config.auth_token)
 
         asyncio.run(main())
 
@@ -44,11 +45,12 @@ class GrpcTransport:
 
         async def main() -> None:
             stop = asyncio.Event()
-            servicer = LoadBalancerServicer(replica_addresses, scheduler, describe, on_terminate)
+            servicer = LoadBalancerServicer(replica_addresses, scheduler, describe, on_terminate,
+                                            token=config.auth_token)
             watcher = asyncio.create_task(servicer.watch_health(stop))
             try:
                 await run_server(servicer, f"{config.host}:{config.port_number}", stop,
-                                 serving=lambda: servicer.serving)
+                                 serving=lambda: servicer.serving, token=config.auth_token)
             finally:
                 stop.set()
                 await watcher
@@ -60,6 +62,6 @@ class GrpcTransport:
         """Health check of ``host:port``."""
         return is_serving(address, timeout)
 
-    def connect(self, host: str, port: int) -> GrpcConnection:
-        """A client connection."""
-        return GrpcConnection(host, port)
+    def connect(self, host: str, port: int, token: Optional[str] = None) -> GrpcConnection:
+        """A client connection (sending ``token`` with every call if given)."""
+        return GrpcConnection(host, port, token)

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mii_core.errors import DeploymentUnavailable, MIIError
 from mii_core.interfaces import Scheduler
 from mii_transport import status
+from mii_transport.auth import auth_metadata
 from mii_transport.generated import mii_pb2, mii_pb2_grpc
 from mii_transport.grpc_server import CHANNEL_OPTIONS
 
@@ -59,7 +60,8 @@ class LoadBalancerServicer(mii_pb2_grpc.MIIServiceServicer):
     """MIIService that forwards to replicas chosen by a scheduler."""
 
     def __init__(self, addresses: List[str], scheduler: Scheduler, describe: Dict,
-                 on_terminate: Callable[[], None]) -> None:
+                 on_terminate: Callable[[], None], token: Optional[str] = None) -> None:
+        self.metadata = auth_metadata(token)  # replicas check the same token
         self.replicas = [Replica(i, a) for i, a in enumerate(addresses)]
         self.scheduler = scheduler
         self.describe = describe
@@ -105,7 +107,8 @@ class LoadBalancerServicer(mii_pb2_grpc.MIIServiceServicer):
         replica = None
         try:
             replica = self._pick()
-            return await replica.stub.Generate(request, timeout=context.time_remaining())
+            return await replica.stub.Generate(request, timeout=context.time_remaining(),
+                                              metadata=self.metadata)
         except (MIIError, grpc.aio.AioRpcError) as error:
             await self._fail(context, replica, error)
         finally:
@@ -116,7 +119,7 @@ class LoadBalancerServicer(mii_pb2_grpc.MIIServiceServicer):
         replica = None
         try:
             replica = self._pick()
-            async for reply in replica.stub.GenerateStream(request,
+            async for reply in replica.stub.GenerateStream(request, metadata=self.metadata,
                                                            timeout=context.time_remaining()):
                 yield reply
         except (MIIError, grpc.aio.AioRpcError) as error:
@@ -131,7 +134,8 @@ class LoadBalancerServicer(mii_pb2_grpc.MIIServiceServicer):
             entry = {"index": replica.index, "address": replica.address,
                      "healthy": replica.healthy, "routed": replica.routed}
             try:
-                reply = await replica.stub.Info(mii_pb2.InfoRequest(), timeout=2.0)
+                reply = await replica.stub.Info(mii_pb2.InfoRequest(), timeout=2.0,
+                                                metadata=self.metadata)
                 entry.update(json.loads(reply.json))
             except grpc.aio.AioRpcError as error:
                 entry["error"] = error.details() or str(error.code())

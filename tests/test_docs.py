@@ -41,7 +41,8 @@ def test_configuration_reference_covers_every_field():
             assert f"| `{info.alias or name}`" in text, f"{model.__name__}.{name}"
 
 
-@pytest.mark.parametrize("path", sorted(EXAMPLES.rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("path", sorted(EXAMPLES.rglob("*.py")),
+                         ids=lambda p: str(p.relative_to(ROOT)))
 def test_example_compiles(path):
     compile(path.read_text(), str(path), "exec")
 

@@ -24,10 +24,11 @@ if [ ! -f "$stamp" ]; then
   if env -u PYTHONPATH "$PY" -c "import deepspeed" 2>/dev/null; then
     echo "install.sh: the image has deepspeed; not installing the sdist"
   else
+    # a failure here still lets the transformers-engine and anchor phases run
     PYTHONPATH=$SITE $PIP --no-build-isolation "$WHL"/deepspeed-*.tar.gz ||
-      { echo "install.sh: deepspeed sdist install failed"; exit 1; }
+      { echo "install.sh: DEEPSPEED SDIST INSTALL FAILED"; ds_failed=1; }
   fi
-  touch "$stamp"
+  [ -z "${ds_failed:-}" ] && touch "$stamp"
 fi
 # mii: always (it is the checkout under test). Built from a copy so that no build/ or
 # *.egg-info appears in the checkout (a second copy of the metadata on PYTHONPATH).
@@ -50,7 +51,12 @@ for kind in ("engine", "scheduler", "transport"):
 load_driver("engine", "deepspeed"); load_driver("engine", "transformers"); load_driver("transport", "grpc")
 import grpc, google.protobuf, pydantic, pluggy, stevedore
 from mii_transport.generated import mii_pb2, mii_pb2_grpc  # runtime version checks
-versions = {n: md.version(n) for n in ("grpcio", "grpcio-health-checking", "protobuf", "pydantic",
+def version(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return "MISSING"
+versions = {n: version(n) for n in ("grpcio", "grpcio-health-checking", "protobuf", "pydantic",
             "pydantic-core", "pluggy", "stevedore", "typing_extensions", "deepspeed", "mii-serve")}
 print("install.sh: ok; mii from", mii_core.__file__, versions)
 EOF
