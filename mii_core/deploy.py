@@ -66,9 +66,12 @@ def _placements(mii_config: MIIConfig) -> List[devices.Placement]:
     if model.replica_configs:
         return [devices.Placement(r.hostname or "localhost", list(r.gpu_indices))
                 for r in model.replica_configs]
-    pool = devices.read_hostfile(mii_config.hostfile) or devices.local_pool(
-        devices.count_local_gpus())
-    return devices.allocate(pool, model.tensor_parallel, model.replica_num, model.device_map)
+    try:
+        pool = devices.read_hostfile(mii_config.hostfile) or devices.local_pool(
+            devices.count_local_gpus())
+        return devices.allocate(pool, model.tensor_parallel, model.replica_num, model.device_map)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _ports(mii_config: MIIConfig) -> tuple[int, List[int], List[int]]:
@@ -203,6 +206,11 @@ def client(model_or_deployment_name: str, host: Optional[str] = None,
         if record is not None:
             return MIIClient(record.mii_config, host=host or record.host, port=record.port,
                              token=token)
+    for name in names:
+        problem = registry.read_problem(registry.record_path(name))
+        if problem:
+            raise DeploymentNotFoundError(f"the registry record of {name!r} is unreadable "
+                                          f"({problem}); delete {registry.record_path(name)}")
     running = [r.name for r in registry.list_records() if registry.supervisor_alive(r)]
     raise DeploymentNotFoundError(
         f"no running deployment named {' or '.join(repr(n) for n in names)}; running: "

@@ -118,4 +118,9 @@ def check_prompts(prompts: Any) -> list[str]:
                 f"prompts[{index}]: expected a string, got {type(prompt).__name__}")
         if not prompt:
             raise InvalidGenerateParams(f"prompts[{index}]: the prompt is empty")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise InvalidGenerateParams(f"prompts[{index}]: not encodable as UTF-8 ({error.reason} "
+                                        f"at position {error.start})") from None
     return list(prompts)

@@ -113,6 +113,17 @@ def load_file(path: Path) -> Optional[DeploymentRecord]:
         return None
 
 
+def read_problem(path: Path) -> Optional[str]:
+    """Why an existing record file cannot be used (None if fine or absent)."""
+    try:
+        DeploymentRecord.model_validate(json.loads(Path(path).read_text()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, ValidationError) as error:
+        return f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    return None
+
+
 def remove(name: str) -> None:
     """Delete the record of ``name`` if present."""
     with contextlib.suppress(FileNotFoundError):

@@ -1,11 +1,14 @@
 #!/bin/bash
 # The GPU benchmark in one command (device: nvidia-h100-x2; carry [".whl"]):
-#   bash bench/gpu/run.sh                 # install build B_ds B_tf A_hf C_tp2 C_rep
-#   bash bench/gpu/run.sh C_tp2 C_rep     # a subset (install and build run when needed)
-# Every phase is its own process under `timeout`, limited by what is left of
-# BENCH_BUDGET_S (default 540 s from the start); after each phase cleanup.py stops any
-# deployment of ours still alive. Results: $OUT/gpu_bench.jsonl, $OUT/summary.txt,
-# $OUT/bench.log (all output), $OUT/deploy_logs.txt (log tails of failed deployments).
+#   bash bench/gpu/run.sh                 # B_ds B_tf A_hf C_tp2 C_rep (in this order)
+#   bash bench/gpu/run.sh C_tp2 C_rep     # a subset
+# install (carried wheels -> $SITE, skipped when already done on a warm machine) and build
+# (the 1.50B model -> $MODEL_DIR, skipped when it exists; runs on the image's packages
+# alone, in parallel with install) always come first. Every phase is its own process
+# under `timeout`, limited by what is left of BENCH_BUDGET_S (default 540 s from the
+# start); after each phase cleanup.py stops any deployment of ours still alive.
+# Results: $OUT/gpu_bench.jsonl, $OUT/summary.txt, $OUT/bench.log (all output),
+# $OUT/deploy_logs.txt (log tails of failed deployments).
 # CPU dry run: BENCH_TINY=1 NO_INSTALL=1 PY=.venv/bin/python bash bench/gpu/run.sh
 set -u
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -20,6 +23,7 @@ export OUT=${OUT:-/tmp/gpu_bench_out}
 export PY=${PY:-python3} SITE=${SITE:-/tmp/site}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/bench.log") 2>&1
+IMAGE_PYTHONPATH=${PYTHONPATH:-}
 if [ "${NO_INSTALL:-0}" = 1 ]; then
   export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 else
@@ -30,12 +34,13 @@ if [ "${BENCH_TINY:-0}" = 1 ]; then
 else
   export MODEL_DIR=${MODEL_DIR:-/tmp/llama1b}
 fi
-PHASES=${*:-"install build B_ds B_tf A_hf C_tp2 C_rep"}
+PHASES=${*:-"B_ds B_tf A_hf C_tp2 C_rep"}
 echo "=== gpu bench $(date -u +%FT%TZ) phases: $PHASES budget ${BUDGET}s model $MODEL_DIR"
 nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 
 jline() { printf '%s\n' "$1" >> "$OUT/gpu_bench.jsonl"; echo "RESULT $1"; }
+phase_end() { jline "{\"kind\":\"phase_end\",\"name\":\"$1\",\"rc\":\"$2\",\"seconds\":$3,\"limit_s\":$4}"; }
 
 run_phase() {  # NAME MAX_SECONDS COMMAND...
   local name=$1 max=$2; shift 2
@@ -43,38 +48,54 @@ run_phase() {  # NAME MAX_SECONDS COMMAND...
   local limit=$(( max < left ? max : left ))
   if [ "$limit" -lt 25 ]; then
     echo "=== skip $name: ${left}s left of the budget"
-    jline "{\"kind\":\"phase_end\",\"name\":\"$name\",\"rc\":\"skipped\",\"seconds\":0,\"limit_s\":$limit}"
+    phase_end "$name" "skipped: budget" 0 "$limit"
     return
   fi
   echo "=== phase $name (limit ${limit}s) at $(date +%T)"
   local t0=$(date +%s)
   timeout -k 15 "$limit" "$@"
   local rc=$?
-  [ "$name" != install ] && timeout 60 "$PY" bench/gpu/cleanup.py "$name"
-  jline "{\"kind\":\"phase_end\",\"name\":\"$name\",\"rc\":$rc,\"seconds\":$(( $(date +%s) - t0 )),\"limit_s\":$limit}"
+  timeout 30 "$PY" bench/gpu/cleanup.py "$name"
+  phase_end "$name" "$rc" $(( $(date +%s) - t0 )) "$limit"
 }
 
-timeout 60 "$PY" bench/gpu/cleanup.py pre 2>/dev/null  # leftovers of an earlier call on a warm machine
+timeout 30 "$PY" bench/gpu/cleanup.py pre 2>/dev/null  # leftovers of an earlier call on a warm machine
+
+# build: the image's own packages suffice (nothing from $SITE), so it overlaps install.
+build_pid=
+if [ ! -f "$MODEL_DIR/config.json" ]; then
+  echo "=== phase build (background, limit 150s) at $(date +%T)"
+  ( t0=$(date +%s)
+    if [ "${BENCH_TINY:-0}" = 1 ]; then timeout -k 10 150 "$PY" bench/gpu/anchors.py build
+    else PYTHONPATH=$IMAGE_PYTHONPATH timeout -k 10 150 "$PY" bench/gpu/anchors.py build; fi
+    rc=$?; phase_end build "$rc" $(( $(date +%s) - t0 )) 150 ) &
+  build_pid=$!
+else
+  echo "=== build: $MODEL_DIR exists"
+fi
+if [ "${NO_INSTALL:-0}" != 1 ]; then
+  run_phase install 150 bash bench/gpu/install.sh
+fi
+[ -n "$build_pid" ] && wait "$build_pid"
+
 for phase in $PHASES; do
   case $phase in
-    install) [ "${NO_INSTALL:-0}" = 1 ] || run_phase install 150 bash bench/gpu/install.sh ;;
-    build) [ -f "$MODEL_DIR/config.json" ] && echo "=== build: $MODEL_DIR exists" ||
-             run_phase build 120 "$PY" bench/gpu/anchors.py build ;;
     B_ds) run_phase B_ds 170 "$PY" bench/gpu/serving_bench.py ours --engine deepspeed ;;
     B_tf) run_phase B_tf 130 "$PY" bench/gpu/serving_bench.py ours --engine transformers ;;
-    A_hf) run_phase A_hf 230 "$PY" bench/gpu/anchors.py hf ;;
+    A_hf) run_phase A_hf 200 "$PY" bench/gpu/anchors.py hf ;;
     C_tp2|C_rep)
       if [ "${BENCH_TINY:-0}" != 1 ] && [ "${GPUS:-0}" -lt 2 ]; then
-        jline "{\"kind\":\"phase_end\",\"name\":\"$phase\",\"rc\":\"skipped: $GPUS GPU(s)\",\"seconds\":0,\"limit_s\":0}"
+        phase_end "$phase" "skipped: $GPUS GPU(s)" 0 0
       elif [ "$phase" = C_tp2 ]; then
         run_phase C_tp2 150 "$PY" bench/gpu/serving_bench.py tp2 --engine deepspeed
       else
         run_phase C_rep 130 "$PY" bench/gpu/serving_bench.py replicas --engine deepspeed
       fi ;;
-    *) echo "unknown phase $phase" ;;
+    *) echo "unknown phase $phase (known: B_ds B_tf A_hf C_tp2 C_rep)" ;;
   esac
 done
-left_over=$(ps -eo pid,args | grep -E 'mii_engines\.replica_main|mii_core\.(supervisor|lb_main)' | grep -v grep)
-[ -n "$left_over" ] && echo "=== WARNING: mii processes still running:" && echo "$left_over"
+# Report (never kill by name) any process of a deployment under our MII_HOME still running.
+left_over=$(ps -eo pid,args | grep -F "$MII_HOME/deployments" | grep -v grep)
+[ -n "$left_over" ] && echo "=== WARNING: mii processes of ours still running:" && echo "$left_over"
 echo "=== total $(( $(date +%s) - START ))s"
 "$PY" bench/gpu/summarize.py --write

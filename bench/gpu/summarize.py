@@ -90,6 +90,21 @@ def checks(rows: List[Dict]) -> List[str]:
     for bs in sorted(set(tp1) & set(tp2)):
         lines.append(f"tp2 vs tp1 at bs {bs} (concurrent): {tp2[bs]} vs {tp1[bs]} tok/s = "
                      f"x{tp2[bs] / tp1[bs]:.2f}")
+
+    def best(engine: str, mode: str) -> Dict[int, float]:
+        return {r["bs"]: r["tok_s"] for r in rows if r.get("engine") == engine
+                and r.get("mode") == mode and "tok_s" in r}
+
+    anchors = {"hf_dynamic": best("hf_dynamic", "generate"),
+               "hf_static": best("hf_static", "generate")}
+    for engine in ("ours_deepspeed_tp1", "ours_transformers_tp1"):
+        for mode in ("concurrent", "one_request"):
+            mine = best(engine, mode)
+            for anchor, ref in anchors.items():
+                shared = sorted(set(mine) & set(ref))
+                if shared:
+                    lines.append(f"{engine} {mode} / {anchor}: " + ", ".join(
+                        f"bs{b} x{mine[b] / ref[b]:.2f}" for b in shared))
     return lines
 
 
