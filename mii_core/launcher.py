@@ -9,15 +9,19 @@ is built by ``deepspeed_multinode_command`` and documented as not run here.
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
+import time
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 from mii_core.lifecycle import RECORD_ENV, SUPERVISOR_PID_ENV
 from mii_core.registry import DeploymentRecord, ReplicaRecord
 
 REPLICA_MODULE = "mii_engines.replica_main"
 LB_MODULE = "mii_core.lb_main"
+GATEWAY_MODULE = "mii_core.gateway_main"
 
 
 @dataclass
@@ -87,3 +91,29 @@ def load_balancer_spec(record_file: str) -> ChildSpec:
     """The command starting the load balancer."""
     return ChildSpec("load-balancer", [sys.executable, "-m", LB_MODULE, record_file],
                      _base_env(record_file))
+
+
+def gateway_spec(record_file: str) -> ChildSpec:
+    """The command starting the REST gateway (``enable_restful_api``)."""
+    return ChildSpec("rest-gateway", [sys.executable, "-m", GATEWAY_MODULE, record_file],
+                     _base_env(record_file))
+
+
+def gateway_bind_host(host: str) -> str:
+    """The address the REST gateway binds: ``localhost`` means the IPv4 loopback only."""
+    return "127.0.0.1" if host in ("", "localhost") else host
+
+
+def wait_until_listening(host: str, port: int, proc: subprocess.Popen, timeout: float,
+                         should_stop: Callable[[], bool] = lambda: False) -> bool:
+    """Wait until ``host:port`` accepts connections; False if ``proc`` exited, the wait was
+    stopped or ``timeout`` passed (the caller's watch loop then reports the child)."""
+    address = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not should_stop():
+        try:
+            with socket.create_connection((address, port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False

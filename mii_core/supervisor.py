@@ -21,13 +21,15 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from mii_core import logs, registry
-from mii_core.launcher import ChildSpec, load_balancer_spec, replica_spec
+from mii_core.launcher import (ChildSpec, gateway_bind_host, gateway_spec, load_balancer_spec,
+                               replica_spec, wait_until_listening)
 from mii_core.plugins import hooks, load_driver
 from mii_core.registry import DeploymentRecord
 
 log = logging.getLogger(__name__)
 POLL_S = 0.1
 STOP_GRACE_S = 8.0
+GATEWAY_WAIT_S = 20.0
 
 
 @dataclass
@@ -69,10 +71,16 @@ class Supervisor:
                                 stdout=sys.stdout, stderr=sys.stderr, start_new_session=True)
 
     def start(self) -> None:
-        """Start every replica and the load balancer."""
+        """Start every replica, the REST gateway (if enabled) and the load balancer."""
         for replica in self.record.replicas:
             spec = replica_spec(self.record, self.record_file, replica)
             self.children[spec.role] = Child(spec, self._spawn(spec))
+        if self.config.enable_restful_api:  # bound before the deployment answers, so that
+            spec = gateway_spec(self.record_file)  # serve() returning means REST is up too
+            child = self.children[spec.role] = Child(spec, self._spawn(spec))
+            wait_until_listening(gateway_bind_host(self.config.restful_api_host),
+                                 self.config.restful_api_port, child.proc, GATEWAY_WAIT_S,
+                                 lambda: self.stop_reason is not None)
         spec = load_balancer_spec(self.record_file)
         self.children[spec.role] = Child(spec, self._spawn(spec))
         self._save(supervisor_pid=os.getpid())

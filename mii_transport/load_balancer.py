@@ -116,15 +116,18 @@ class LoadBalancerServicer(mii_pb2_grpc.MIIServiceServicer):
                 self.scheduler.finished(replica.index)
 
     async def GenerateStream(self, request, context):
-        replica = None
+        replica = call = None
         try:
             replica = self._pick()
-            async for reply in replica.stub.GenerateStream(request, metadata=self.metadata,
-                                                           timeout=context.time_remaining()):
+            call = replica.stub.GenerateStream(request, metadata=self.metadata,
+                                               timeout=context.time_remaining())
+            async for reply in call:
                 yield reply
         except (MIIError, grpc.aio.AioRpcError) as error:
             await self._fail(context, replica, error)
         finally:
+            if call is not None:
+                call.cancel()  # the client left: stop the replica's generation now
             if replica is not None:
                 self.scheduler.finished(replica.index)
 

@@ -133,7 +133,7 @@ def compute_apps() -> List[Dict]:
 class GpuSampler:
     """Polls nvidia-smi in a thread; ``peak`` is the most MiB seen per GPU."""
 
-    def __init__(self, interval: float = 0.5) -> None:
+    def __init__(self, interval: float = 1.0) -> None:
         self.interval = interval
         self.baseline = gpu_memory()
         self.peak: Dict[int, int] = dict(self.baseline)

@@ -28,6 +28,8 @@ if [ ! -f "$stamp" ]; then
     PYTHONPATH=$SITE $PIP --no-build-isolation "$WHL"/deepspeed-*.tar.gz ||
       { echo "install.sh: DEEPSPEED SDIST INSTALL FAILED"; ds_failed=1; }
   fi
+  # bytecode now, so the first serve() does not pay for compiling deepspeed's modules
+  "$PY" -m compileall -q -j 0 "$SITE" > /dev/null 2>&1
   [ -z "${ds_failed:-}" ] && touch "$stamp"
 fi
 # mii: always (it is the checkout under test). Built from a copy so that no build/ or
@@ -50,6 +52,13 @@ for kind in ("engine", "scheduler", "transport"):
     print(f"install.sh: {kind}s:", ", ".join(f"{p.name}{' (BROKEN: ' + p.error + ')' if p.error else ''}" for p in found))
 load_driver("engine", "deepspeed"); load_driver("engine", "transformers"); load_driver("transport", "grpc")
 import grpc, google.protobuf, pydantic, pluggy, stevedore
+import importlib
+for module in ("mii_core.supervisor", "mii_core.lb_main", "mii_core.launcher",
+               "mii_transport.grpc_transport", "mii_transport.grpc_server"):
+    try:  # the torch-free part of the serving path; a missing dependency shows here
+        importlib.import_module(module)
+    except Exception as error:
+        print(f"install.sh: WARNING: import {module} failed: {type(error).__name__}: {error}")
 from mii_transport.generated import mii_pb2, mii_pb2_grpc  # runtime version checks
 def version(name):
     try:

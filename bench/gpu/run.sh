@@ -38,6 +38,13 @@ PHASES=${*:-"B_ds B_tf A_hf C_tp2 C_rep"}
 echo "=== gpu bench $(date -u +%FT%TZ) phases: $PHASES budget ${BUDGET}s model $MODEL_DIR"
 nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+# mii counts GPUs from CUDA_VISIBLE_DEVICES, else /proc/driver/nvidia/gpus, which a
+# sandboxed runtime may not show: name them so that no deployment lands on the CPU.
+if [ -z "${CUDA_VISIBLE_DEVICES:-}" ] && [ "${GPUS:-0}" -gt 0 ]; then
+  [ -d /proc/driver/nvidia/gpus ] || echo "=== note: no /proc/driver/nvidia/gpus here"
+  export CUDA_VISIBLE_DEVICES=$(seq -s, 0 $(( GPUS - 1 )))
+fi
+echo "=== GPUs: ${GPUS:-0}, CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset}"
 
 jline() { printf '%s\n' "$1" >> "$OUT/gpu_bench.jsonl"; echo "RESULT $1"; }
 phase_end() { jline "{\"kind\":\"phase_end\",\"name\":\"$1\",\"rc\":\"$2\",\"seconds\":$3,\"limit_s\":$4}"; }
@@ -91,7 +98,8 @@ for phase in $PHASES; do
       else
         run_phase C_rep 130 "$PY" bench/gpu/serving_bench.py replicas --engine deepspeed
       fi ;;
-    *) echo "unknown phase $phase (known: B_ds B_tf A_hf C_tp2 C_rep)" ;;
+    C_fp32) run_phase C_fp32 150 "$PY" bench/gpu/serving_bench.py greedy_fp32 --engine deepspeed ;;
+    *) echo "unknown phase $phase (known: B_ds B_tf A_hf C_tp2 C_rep, optional C_fp32)" ;;
   esac
 done
 # Report (never kill by name) any process of a deployment under our MII_HOME still running.

@@ -4,6 +4,7 @@
     python3 bench/gpu/serving_bench.py ours --engine transformers
     python3 bench/gpu/serving_bench.py tp2                       # C: tensor_parallel=2
     python3 bench/gpu/serving_bench.py replicas                  # C: replica_num=2 x tp=1
+    python3 bench/gpu/serving_bench.py greedy_fp32               # optional: tp2 == tp1 in fp32?
 
 Batch N means N prompts of 128 tokens, 128 new tokens each (ignore_eos, greedy), sent
 either as N concurrent single-prompt requests (``concurrent``: asyncio ``agenerate``
@@ -71,6 +72,10 @@ async def deployment(phase: str, name: str, **kwargs):
         common.append_deploy_log(f"{name}: serve() failed", str(error)[-6000:])
         raise
     try:
+        record = registry.load(name)
+        if not TINY and record is not None and any(not r.gpu_indices for r in record.replicas):
+            raise RuntimeError(f"{name} was placed on the CPU ({[r.gpu_indices for r in record.replicas]}): "
+                               "mii saw no GPU; stopping this phase")
         yield client, time.perf_counter() - started
     except BaseException as error:
         common.append_deploy_log(f"{name}: {type(error).__name__} during the phase",
@@ -278,7 +283,22 @@ async def phase_replicas(args) -> None:
                     ratio=round(mine["tok_s"] / single["tok_s"], 3))
 
 
-PHASES = {"ours": phase_ours, "tp2": phase_tp2, "replicas": phase_replicas}
+async def phase_greedy_fp32(args) -> None:
+    """Optional: greedy tp2 vs tp1 in float32, to tell bf16 rounding from a sharding bug."""
+    phase, texts = "C_fp32", {}
+    for tp in (1, 2):
+        name = f"bench-{args.engine}-fp32-tp{tp}"
+        kwargs = serve_kwargs(args, tensor_parallel=tp, dtype="float32")
+        async with deployment(phase, name, **kwargs) as (client, ready):
+            log(phase=phase, kind="deployment", engine=f"ours_{args.engine}_fp32_tp{tp}",
+                serve_s=round(ready, 2))
+            texts[tp] = await greedy(client, phase, f"ours_{args.engine}_fp32_tp{tp}")
+    log(phase=phase, kind="greedy_compare", what="fp32 tp2 vs fp32 tp1",
+        **common.compare_texts(texts[2], texts[1]))
+
+
+PHASES = {"ours": phase_ours, "tp2": phase_tp2, "replicas": phase_replicas,
+          "greedy_fp32": phase_greedy_fp32}
 
 
 def main() -> int:
@@ -288,7 +308,8 @@ def main() -> int:
     args = parser.parse_args()
     common.exit_on_sigterm()
     os.environ.setdefault("MII_QUIET", "0")
-    label = {"ours": f"B_{args.engine}_tp1", "tp2": "C_tp2", "replicas": "C_replicas"}[args.phase]
+    label = {"ours": f"B_{args.engine}_tp1", "tp2": "C_tp2", "replicas": "C_replicas",
+             "greedy_fp32": "C_fp32"}[args.phase]
     log(phase=label, kind="start", model=MODEL_DIR, **common.python_info())
     status = 0
     try:

@@ -55,7 +55,8 @@ def checks(rows: List[Dict]) -> List[str]:
     greedy = {r["source"]: r["texts"] for r in rows if r.get("kind") == "greedy" and "texts" in r}
     pairs = [("ours_transformers_tp1", "ours_deepspeed_tp1"),
              ("ours_deepspeed_tp1", "hf_generate"), ("ours_transformers_tp1", "hf_generate"),
-             ("ours_deepspeed_tp2", "ours_deepspeed_tp1")]
+             ("ours_deepspeed_tp2", "ours_deepspeed_tp1"),
+             ("ours_deepspeed_fp32_tp2", "ours_deepspeed_fp32_tp1")]
     for mine, ref in pairs:
         if mine in greedy and ref in greedy:
             result = common.compare_texts(greedy[mine], greedy[ref])
