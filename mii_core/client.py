@@ -23,12 +23,13 @@ class MIIClient:
 
     ``port`` defaults to ``mii_config.port_number``; ``timeout`` (seconds) bounds
     every call unless a call passes its own; ``token`` (default: the config's
-    ``auth_token``, then ``$MII_AUTH_TOKEN``) authenticates every call.
+    ``auth_token``, then ``$MII_AUTH_TOKEN``) authenticates every call;
+    ``tls_root_cert`` (default: the config's ``tls_cert_file``) turns on TLS.
     """
 
     def __init__(self, mii_config: MIIConfig, host: str = "localhost",
                  port: Optional[int] = None, timeout: Optional[float] = None,
-                 token: Optional[str] = None) -> None:
+                 token: Optional[str] = None, tls_root_cert: Optional[str] = None) -> None:
         self.mii_config = mii_config
         self.task = mii_config.model_conf.task
         self.host = host
@@ -36,7 +37,8 @@ class MIIClient:
         self.timeout = timeout
         transport = load_driver("transport", mii_config.transport)()
         token = token or mii_config.auth_token or os.environ.get("MII_AUTH_TOKEN") or None
-        self._conn = transport.connect(host, self.port, token)
+        tls_root_cert = tls_root_cert or mii_config.tls_cert_file
+        self._conn = transport.connect(host, self.port, token, tls_root_cert)
         self._terminated = False
 
     @property

@@ -211,6 +211,10 @@ class MIIConfig(_Strict):
     auth_token: Optional[str] = None
     """Shared secret every call must carry (gRPC metadata / HTTP bearer); None: no check.
     Kept in the registry record (mode 0600) so ``mii.client(name)`` reconnects. (mii extension)"""
+    tls_cert_file: Optional[str] = None
+    """PEM certificate of the client-facing server; with ``tls_key_file`` enables TLS. (mii extension)"""
+    tls_key_file: Optional[str] = None
+    """PEM private key matching ``tls_cert_file``. (mii extension)"""
     max_restarts: int = Field(3, ge=0)
     """Restarts of a crashed child (replica or load balancer) before the deployment stops. (mii extension)"""
 
@@ -219,6 +223,8 @@ class MIIConfig(_Strict):
         if not self.deployment_name:
             object.__setattr__(self, "deployment_name",
                                default_deployment_name(self.model_conf.model_name_or_path))
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file must be given together")
         if self.deployment_type != DeploymentType.LOCAL:
             raise ValueError(f"deployment_type {self.deployment_type.value!r} is not supported; "
                              "use 'local'")

@@ -51,6 +51,10 @@ def prepare(mii_config: MIIConfig) -> MIIConfig:
     load_driver("scheduler", mii_config.scheduler)
     load_driver("transport", mii_config.transport)
     check_tensor_parallel(model_dir_config(model), model.tensor_parallel)
+    for field in ("tls_cert_file", "tls_key_file"):
+        path = getattr(mii_config, field)
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"{field}: {path} does not exist")
     with driver_hooks(engine, "engine"):
         try:
             hooks().mii_validate_config(mii_config=mii_config)
@@ -159,7 +163,7 @@ def _wait_until_serving(config: MIIConfig, record: DeploymentRecord, proc: subpr
     while True:
         for line in follower.new_lines():
             _progress(line)
-        if transport.is_serving(address, timeout=0.5):
+        if transport.is_serving(address, timeout=0.5, tls_root_cert=config.tls_cert_file):
             _progress(f"deployment {record.name!r} ready in {time.time() - started:.1f}s")
             return
         code = proc.poll()
@@ -191,14 +195,15 @@ def _abort(proc: subprocess.Popen, name: str) -> None:
 
 
 def client(model_or_deployment_name: str, host: Optional[str] = None,
-           port: Optional[int] = None, token: Optional[str] = None) -> MIIClient:
+           port: Optional[int] = None, token: Optional[str] = None,
+           tls_root_cert: Optional[str] = None) -> MIIClient:
     """Connect to a running deployment by deployment name, model name/path, or ``host:port``."""
     target = model_or_deployment_name
     if port is None and ":" in target and target.rsplit(":", 1)[1].isdigit():
         target_host, target_port = target.rsplit(":", 1)
-        return _remote_client(target_host, int(target_port), token)
+        return _remote_client(target_host, int(target_port), token, tls_root_cert)
     if port is not None:
-        return _remote_client(host or "localhost", port, token)
+        return _remote_client(host or "localhost", port, token, tls_root_cert)
     names = [target] + ([default_deployment_name(target)]
                         if default_deployment_name(target) != target else [])
     for name in names:
@@ -217,13 +222,14 @@ def client(model_or_deployment_name: str, host: Optional[str] = None,
         f"{', '.join(running) or 'none'}. Start one with mii.serve(...)")
 
 
-def _remote_client(host: str, port: int, token: Optional[str]) -> MIIClient:
+def _remote_client(host: str, port: int, token: Optional[str],
+                   tls_root_cert: Optional[str]) -> MIIClient:
     """A client for a deployment known only by address; its config comes from Info."""
     probe = MIIClient(MIIConfig(model_config={"model_name_or_path": "remote"}), host, port,
-                      token=token)
+                      token=token, tls_root_cert=tls_root_cert)
     info: Dict[str, Any] = probe.info()
     config = MIIConfig(deployment_name=info.get("deployment", f"{host}:{port}"),
                        port_number=port, scheduler=info.get("scheduler", "round_robin"),
                        model_config={"model_name_or_path": info.get("model", "remote"),
                                      "engine": info.get("engine", "auto")})
-    return MIIClient(config, host, port, token=token)
+    return MIIClient(config, host, port, token=token, tls_root_cert=tls_root_cert)

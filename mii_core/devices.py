@@ -7,7 +7,9 @@ DeepSpeed-style hostfile (``host slots=N`` per line).
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Union
@@ -32,7 +34,17 @@ def count_local_gpus() -> int:
     if visible is not None:
         return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
     gpus = Path("/proc/driver/nvidia/gpus")
-    return len(list(gpus.iterdir())) if gpus.is_dir() else 0
+    if gpus.is_dir():
+        return len(list(gpus.iterdir()))
+    # Sandboxed runtimes may hide /proc/driver; ask the driver's tool instead.
+    if shutil.which("nvidia-smi"):
+        try:
+            listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                                     timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            return 0
+        return sum(1 for line in listing.splitlines() if line.startswith("GPU "))
+    return 0
 
 
 def read_hostfile(path: str) -> Optional[Dict[str, int]]:

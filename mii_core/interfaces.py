@@ -124,8 +124,10 @@ class Transport(Protocol):
                             scheduler: Scheduler, on_terminate: Callable[[], None]) -> None:
         """Serve the client-facing port, forwarding to replicas (blocks)."""
 
-    def is_serving(self, address: str, timeout: float) -> bool:
+    def is_serving(self, address: str, timeout: float,
+                   tls_root_cert: Optional[str] = None) -> bool:
         """True if the server at ``host:port`` answers its health check as serving."""
 
-    def connect(self, host: str, port: int) -> Any:
+    def connect(self, host: str, port: int, token: Optional[str] = None,
+                tls_root_cert: Optional[str] = None) -> Any:
         """A client connection object (see ``mii_transport.grpc_client``)."""

@@ -112,7 +112,8 @@ class Supervisor:
                             child.restart_at - time.time())
             self._restart_due()
             if self.record.state == "starting":
-                if self.transport.is_serving(address, timeout=0.2):
+                if self.transport.is_serving(address, timeout=0.2,
+                                             tls_root_cert=self.config.tls_cert_file):
                     self._save(state="ready", ready_at=time.time())
                     log.info("[progress] deployment %s ready on %s after %.1fs",
                              self.record.name, address, time.time() - self.record.created_at)

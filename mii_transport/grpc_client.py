@@ -23,10 +23,12 @@ from mii_transport.grpc_server import CHANNEL_OPTIONS
 class GrpcConnection:
     """A connection to a deployment (load balancer) or a single replica."""
 
-    def __init__(self, host: str, port: int, token: Optional[str] = None) -> None:
+    def __init__(self, host: str, port: int, token: Optional[str] = None,
+                 tls_root_cert: Optional[str] = None) -> None:
         self.address = f"{host}:{port}"
         self._metadata = auth_metadata(token)
-        self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        self._credentials = _credentials(tls_root_cert)
+        self._channel = _channel(self.address, self._credentials)
         # Closing at exit avoids grpc's occasional hang in interpreter shutdown.
         atexit.register(self._channel.close)
         self._stub = mii_pb2_grpc.MIIServiceStub(self._channel)
@@ -63,7 +65,7 @@ class GrpcConnection:
         loop = asyncio.get_running_loop()
         key = id(loop)
         if key not in self._aio:
-            channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            channel = _channel(self.address, self._credentials, aio=True)
             self._aio[key] = (loop, channel, mii_pb2_grpc.MIIServiceStub(channel))
         return self._aio[key][2]
 
@@ -109,7 +111,7 @@ class GrpcConnection:
 
     def is_serving(self, timeout: float = 1.0) -> bool:
         """True if the health service answers SERVING within ``timeout``."""
-        return is_serving(self.address, timeout, self._channel)
+        return is_serving(self.address, timeout, channel=self._channel)
 
     def close(self) -> None:
         """Close channels (aio channels of other loops are dropped)."""
@@ -118,11 +120,25 @@ class GrpcConnection:
         self._aio.clear()
 
 
-def is_serving(address: str, timeout: float = 1.0,
-               channel: Optional[grpc.Channel] = None) -> bool:
+def _credentials(tls_root_cert: Optional[str]) -> Optional[grpc.ChannelCredentials]:
+    if not tls_root_cert:
+        return None
+    with open(tls_root_cert, "rb") as handle:
+        return grpc.ssl_channel_credentials(root_certificates=handle.read())
+
+
+def _channel(address: str, credentials: Optional[grpc.ChannelCredentials], aio: bool = False):
+    module = grpc.aio if aio else grpc
+    if credentials is None:
+        return module.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return module.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+
+
+def is_serving(address: str, timeout: float = 1.0, channel: Optional[grpc.Channel] = None,
+               tls_root_cert: Optional[str] = None) -> bool:
     """Health-check ``address`` (grpc.health.v1, overall service)."""
     own = channel is None
-    channel = channel or grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    channel = channel or _channel(address, _credentials(tls_root_cert))
     try:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
                                                            timeout=timeout)

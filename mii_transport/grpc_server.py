@@ -108,10 +108,12 @@ def _completion(event: TokenEvent, text: str) -> mii_pb2.Completion:
 async def run_server(servicer: mii_pb2_grpc.MIIServiceServicer, address: str,
                      stop: asyncio.Event, on_started: Callable[[], None] = lambda: None,
                      serving: Callable[[], bool] = lambda: True,
-                     token: Optional[str] = None) -> None:
+                     token: Optional[str] = None,
+                     tls: Optional[tuple[str, str]] = None) -> None:
     """Serve ``servicer`` plus grpc.health.v1 on ``address`` until ``stop`` is set.
 
-    With ``token`` every call but the health check must carry it. SIGTERM and SIGINT set ``stop``; shutdown reports NOT_SERVING first, then gives
+    With ``token`` every call but the health check must carry it; ``tls`` is a
+    (certificate file, key file) pair. SIGTERM and SIGINT set ``stop``; shutdown reports NOT_SERVING first, then gives
     in-flight calls a short grace period. Health is SERVING while ``serving()``.
     """
     interceptors = [TokenInterceptor(token)] if token else []
@@ -120,7 +122,12 @@ async def run_server(servicer: mii_pb2_grpc.MIIServiceServicer, address: str,
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
-        bound = server.add_insecure_port(address)
+        if tls:
+            cert, key = (open(path, "rb").read() for path in tls)
+            credentials = grpc.ssl_server_credentials([(key, cert)])
+            bound = server.add_secure_port(address, credentials)
+        else:
+            bound = server.add_insecure_port(address)
     except RuntimeError:
         bound = 0
     if not bound:

@@ -50,7 +50,9 @@ class GrpcTransport:
             watcher = asyncio.create_task(servicer.watch_health(stop))
             try:
                 await run_server(servicer, f"{config.host}:{config.port_number}", stop,
-                                 serving=lambda: servicer.serving, token=config.auth_token)
+                                 serving=lambda: servicer.serving, token=config.auth_token,
+                                 tls=(config.tls_cert_file, config.tls_key_file)
+                                 if config.tls_cert_file else None)
             finally:
                 stop.set()
                 await watcher
@@ -58,10 +60,12 @@ class GrpcTransport:
 
         asyncio.run(main())
 
-    def is_serving(self, address: str, timeout: float) -> bool:
-        """Health check of ``host:port``."""
-        return is_serving(address, timeout)
+    def is_serving(self, address: str, timeout: float,
+                   tls_root_cert: Optional[str] = None) -> bool:
+        """Health check of ``host:port`` (over TLS when a root certificate is given)."""
+        return is_serving(address, timeout, tls_root_cert=tls_root_cert)
 
-    def connect(self, host: str, port: int, token: Optional[str] = None) -> GrpcConnection:
+    def connect(self, host: str, port: int, token: Optional[str] = None,
+                tls_root_cert: Optional[str] = None) -> GrpcConnection:
         """A client connection (sending ``token`` with every call if given)."""
-        return GrpcConnection(host, port, token)
+        return GrpcConnection(host, port, token, tls_root_cert)

@@ -73,3 +73,34 @@ def test_registry_and_logs_are_private(guarded, mii_home):
     assert stat.S_IMODE((mii_home / "logs").stat().st_mode) == 0o700
     assert stat.S_IMODE(registry.record_path("guarded").stat().st_mode) == 0o600
     assert stat.S_IMODE(registry.log_path("guarded").stat().st_mode) == 0o600
+
+
+def test_tls_deployment(tiny_model, tmp_path):
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    client = mii.serve(tiny_model, deployment_name="tls", port_number=free_port(),
+                       engine="transformers", tls_cert_file=str(cert), tls_key_file=str(key),
+                       auth_token=TOKEN)
+    try:
+        assert client("DeepSpeed is", max_new_tokens=3)[0].generated_length == 3
+        remote = mii.client(f"127.0.0.1:{client.port}", token=TOKEN, tls_root_cert=str(cert))
+        assert remote("hi", max_new_tokens=2)[0].generated_length == 2
+        plaintext = mii.MIIClient(client.mii_config.model_copy(update={"tls_cert_file": None,
+                                                                       "tls_key_file": None}),
+                                  port=client.port)
+        with pytest.raises(mii.errors.DeploymentUnavailable):
+            plaintext("hi", max_new_tokens=2)
+    finally:
+        client.terminate_server()
+
+
+def test_tls_files_must_exist(tiny_model, tmp_path):
+    with pytest.raises(mii.errors.ConfigError, match="tls_cert_file"):
+        mii.serve(tiny_model, tls_cert_file=str(tmp_path / "c.pem"),
+                  tls_key_file=str(tmp_path / "k.pem"))
+    with pytest.raises(mii.errors.ConfigError, match="together"):
+        mii.serve(tiny_model, tls_cert_file=str(tmp_path / "c.pem"))

@@ -196,13 +196,12 @@ def completion_prompts(body: Dict[str, Any]) -> List[str]:
     if not isinstance(prompts, list) or not prompts:
         raise bad("expected a string or a non-empty list of strings", "prompt")
     for index, item in enumerate(prompts):
+        where = "prompt" if isinstance(prompt, str) else f"prompt[{index}]"
         if not isinstance(item, str):
             raise bad("token-id prompts are not supported; send text" if isinstance(
-                item, (int, list)) else f"expected a string, got {type(item).__name__}",
-                f"prompt[{index}]" if len(prompts) > 1 or not isinstance(prompt, list)
-                else "prompt")
+                item, (int, list)) else f"expected a string, got {type(item).__name__}", where)
         if not item:
-            raise bad("the prompt is empty", "prompt")
+            raise bad("the prompt is empty", where)
     return prompts
 
 
