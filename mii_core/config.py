@@ -195,7 +195,7 @@ class MIIConfig(_Strict):
     restful_api_port: int = _port(DEFAULT_RESTFUL_API_PORT)
     """Port of the REST gateway."""
     restful_processes: int = Field(32, ge=1)
-    """Worker processes/threads of the REST gateway."""
+    """Generate requests the REST gateway forwards at a time (more wait); the gateway is one asyncio process."""
     hostfile: str = DEFAULT_HOSTFILE
     """DeepSpeed hostfile for multi-node placement; without it, this host only."""
     scheduler: str = DEFAULT_SCHEDULER

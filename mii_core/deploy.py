@@ -127,6 +127,8 @@ def serve(model_name_or_path: str = "", model_config: Optional[Mapping] = None,
                                     f"mii.client({name!r}) or terminate it first")
     placements = _placements(config)
     port, replica_ports, dist_ports = _ports(config)
+    if config.enable_restful_api:
+        require_free(config.restful_api_port, "restful_api_port")
     config.port_number = port
     record = DeploymentRecord(
         name=name, config=config.model_dump(by_alias=True, mode="json"), host=config.host,

@@ -58,8 +58,13 @@ class BatchState:
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: DynamicCache) -> torch.Tensor:
+        # cache_position (the columns being written) must be explicit: with position_ids
+        # alone transformers looks for packed sequences and takes a mask path that made
+        # each decode step of a 1.5B model 4.5x slower on an H100 (58 vs 13 ms).
+        columns = torch.arange(mask.shape[1] - ids.shape[1], mask.shape[1], device=self.device)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         use_cache=True, logits_to_keep=1, **{self.cache_arg: cache})
+                         cache_position=columns, use_cache=True, logits_to_keep=1,
+                         **{self.cache_arg: cache})
         return out.logits[:, -1, :]
 
     def _decode(self, tokens: List[int]) -> torch.Tensor:

@@ -274,6 +274,24 @@ def test_sixteen_concurrent_requests_all_succeed(gw):
     assert texts == [expected] * 16
 
 
+def test_client_leaving_a_stream_cancels_it_and_frees_its_slot(gw):
+    client, base, name = gw
+
+    def cancelled():
+        return sample(metric_families(base), "mii_replica_requests",
+                      "mii_replica_requests_total", replica="0", outcome="cancelled")
+
+    before = cancelled()
+    with httpx.stream("POST", f"{base}/v1/completions", timeout=60, json={
+            "model": name, "prompt": "DeepSpeed is", "max_tokens": 400, "ignore_eos": True,
+            "stream": True}) as reply:
+        lines = reply.iter_lines()
+        assert next(lines).startswith("data: ")  # then hang up mid-stream
+    assert wait_until(lambda: cancelled() == before + 1, 15)
+    assert wait_until(lambda: sample(metric_families(base),
+                                     "mii_gateway_in_flight_requests") == 0, 5)
+
+
 # -- health, metrics, no terminate route -------------------------------------------------
 def test_health(gw):
     client, base, name = gw
@@ -333,6 +351,69 @@ def test_no_terminate_route(gw):
 
 
 # -- lifecycle -----------------------------------------------------------------------------
+def test_killed_gateway_is_restarted_on_the_same_port(gw):
+    client, base, name = gw
+    old = registry.load(name).pids["rest-gateway"]
+    os.kill(old, signal.SIGKILL)
+    assert wait_until(lambda: registry.load(name).pids["rest-gateway"] != old)
+
+    def answers():
+        try:
+            return httpx.get(f"{base}/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    assert wait_until(answers)
+    reply = httpx.post(f"{base}/mii/{name}", json={"prompts": "DeepSpeed is", "ignore_eos": True,
+                                                    **GREEDY})
+    assert reply.status_code == 200 and reply.json()[0]["generated_length"] == 12
+
+
+def test_unavailable_deployment_is_503_and_deadline_is_504(gw):
+    client, base, name = gw
+    reply = httpx.post(f"{base}/mii/{name}", timeout=60, json={
+        "prompts": "DeepSpeed is", "max_new_tokens": 400, "ignore_eos": True, "timeout": 0.05})
+    assert reply.status_code == 504 and reply.json()["error"]["type"] == "DeadlineExceeded"
+    replica = registry.load(name).pids["replica-0"]
+    os.kill(replica, signal.SIGSTOP)  # unresponsive: the load balancer marks it unhealthy
+    try:
+        assert wait_until(lambda: httpx.get(f"{base}/health", timeout=10).status_code == 503)
+        assert httpx.get(f"{base}/health").json()["status"] == "unavailable"
+        reply = httpx.post(f"{base}/v1/completions", json={"model": name, "prompt": "hi"})
+        assert reply.status_code == 503, reply.text
+        assert reply.json()["error"]["code"] == "deployment_unavailable"
+        reply = httpx.post(f"{base}/mii/{name}", json={"prompts": "hi"})
+        assert reply.status_code == 503 and reply.json()["error"]["type"] == "DeploymentUnavailable"
+        families = metric_families(base)
+        assert sample(families, "mii_deployment_up") == 1
+        assert sample(families, "mii_replica_healthy", replica="0") == 0
+        assert sample(families, "mii_replicas_healthy") == 0
+    finally:
+        os.kill(replica, signal.SIGCONT)
+    assert wait_until(lambda: httpx.get(f"{base}/health", timeout=10).status_code == 200)
+
+
+def test_replica_lost_mid_stream_ends_with_an_error_event(gw):
+    client, base, name = gw
+    old = registry.load(name).pids["replica-0"]
+    events = []
+    with httpx.stream("POST", f"{base}/v1/completions", timeout=60, json={
+            "model": name, "prompt": "DeepSpeed is", "max_tokens": 500, "ignore_eos": True,
+            "stream": True}) as reply:
+        assert reply.status_code == 200
+        for line in reply.iter_lines():
+            if not line:
+                continue
+            events.append(line)
+            if len(events) == 2:
+                os.kill(old, signal.SIGKILL)
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2][6:])
+    assert error["error"]["code"] == "deployment_unavailable", error
+    assert wait_until(lambda: registry.load(name).pids["replica-0"] != old)
+    assert wait_until(lambda: httpx.get(f"{base}/health", timeout=10).status_code == 200, 60)
+
+
 def test_gateway_dies_with_terminate_server(tiny_model, free_port):
     rest_port = pick()
     client = mii.serve(tiny_model, deployment_name="rest-stop", port_number=free_port,

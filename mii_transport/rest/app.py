@@ -41,7 +41,6 @@ from mii_transport.rest import openai_api as oa
 from mii_transport.rest.prom import GatewayMetrics, render
 
 log = logging.getLogger(__name__)
-HEALTH_TIMEOUT_S = 1.0
 
 _HTTP_STATUS = (
     (errors.InvalidGenerateParams, 400, "invalid_request_error", None),
@@ -57,7 +56,7 @@ _HTTP_STATUS = (
 
 def error_for(error: BaseException, openai: bool, chat: bool = False) -> oa.RequestError:
     """The HTTP error that a mii exception raised by the client stands for."""
-    message = errors_message(error)
+    message = str(error) or type(error).__name__
     for cls, status, type_, code in _HTTP_STATUS:
         if isinstance(error, cls):
             break
@@ -66,7 +65,7 @@ def error_for(error: BaseException, openai: bool, chat: bool = False) -> oa.Requ
         log.error("generate failed: %s: %s", type(error).__name__, message)
     if not openai:
         type_ = type(error).__name__ if isinstance(error, errors.MIIError) else "ServerError"
-        param = oa.param_of(message, chat=False)
+        param = oa.param_of(message, chat=False) if status == 400 else None
         if param == "prompt":
             param = "prompts"
         return oa.RequestError(status, message, type_, param, code)
@@ -74,10 +73,6 @@ def error_for(error: BaseException, openai: bool, chat: bool = False) -> oa.Requ
         message = oa.rename_params(message)
     return oa.RequestError(status, message, type_, oa.param_of(message, chat) if status == 400
                            else None, code)
-
-
-def errors_message(error: BaseException) -> str:
-    return str(error) or type(error).__name__
 
 
 def _json_error(error: oa.RequestError) -> JSONResponse:
