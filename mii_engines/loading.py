@@ -31,6 +31,10 @@ def device_of(rank: RankInfo) -> torch.device:
             raise ConfigError(f"rank {rank.rank} of replica {rank.replica} was given {device} but "
                               f"only {torch.cuda.device_count()} GPUs are visible")
         torch.cuda.set_device(device)
+        # cuDNN's attention builds a new execution plan for every new key length, i.e.
+        # every decode step with a mask: 3-5 ms per layer call on an H100 (measured).
+        # The memory-efficient and flash kernels have no such cost.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     return device
 
 

@@ -200,3 +200,13 @@ def test_queue_bound_answers_overloaded(loaded):
     gen.submit(["b"], GenerateParamsConfig(), Collector(1))
     with pytest.raises(ServerOverloaded, match="queue is full"):
         gen.submit(["c"], GenerateParamsConfig(), Collector(1))
+
+
+def test_greedy_matches_transformers_generate(generator, loaded):
+    ours = run(generator, PROMPTS, **GREEDY)
+    for index, prompt in enumerate(PROMPTS):
+        ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                    max_new_tokens=24, min_new_tokens=24, pad_token_id=0)
+        expected = loaded.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        assert ours.texts()[index] == expected
