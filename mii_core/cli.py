@@ -98,7 +98,7 @@ def _plugins(args: argparse.Namespace) -> int:
     for kind in ("engine", "scheduler", "transport", "plugin"):
         for info in discover(kind):
             status = f"BROKEN: {info.error}" if info.error else "ok"
-            print(f"{kind:9} {info.name:18} {info.distribution} {info.version}  "
+            print(f"{kind:9} {info.name:22} {info.distribution} {info.version}  "
                   f"{info.target}  {status}")
     return 0
 
@@ -131,7 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generate parameters, e.g. --set max_new_tokens=32")
     p.set_defaults(func=_generate)
     sub.add_parser("plugins", help="list discovered plugins").set_defaults(func=_plugins)
-    plugin_manager().hook.mii_add_cli_commands(subparsers=sub)
+    try:
+        plugin_manager().hook.mii_add_cli_commands(subparsers=sub)
+    except MIIError as error:  # `mii plugins` must still work to show what is broken
+        print(f"mii: warning: plugin commands unavailable: {error}", file=sys.stderr)
     return parser
 
 

@@ -33,11 +33,11 @@ class GenerateParamsConfig(_Strict):
     """Options of one generate call (per request)."""
 
     prompt_length: int = Field(0, ge=0)
-    """Tokens in the prompt; filled in by the server, user values are ignored."""
+    """Tokens in the prompt; filled in by the server (the client refuses it as an argument)."""
     max_length: int = Field(1024, gt=0)
     """Maximum of prompt tokens + generated tokens."""
     max_new_tokens: Optional[int] = Field(None, gt=0)
-    """Maximum number of generated tokens; ``max_length`` takes precedence."""
+    """Maximum number of generated tokens; the smaller of this and what ``max_length`` leaves applies."""
     min_new_tokens: int = Field(0, ge=0)
     """Minimum number of generated tokens before EOS or a stop string may end generation."""
     stream: bool = False
@@ -124,9 +124,9 @@ class ModelConfig(_Strict):
     dtype: str = "auto"
     """Weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, float16, bfloat16. (mii extension)"""
     sync_debug: bool = False
-    """Synchronize after every step (debugging)."""
+    """Synchronize the device after every step, so errors surface at the step that caused them."""
     profile_model_time: bool = False
-    """Log per-step model time."""
+    """Log the mean model time per step every 100 steps (synchronizes the device each step)."""
     engine: str = DEFAULT_ENGINE
     """Engine plugin name from the ``mii.engines`` group; auto = deepspeed if it imports. (mii extension)"""
     max_batch_size: int = Field(64, gt=0)

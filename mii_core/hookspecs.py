@@ -1,10 +1,11 @@
 """Every extension point of mii, in one place.
 
 Plugins implement these with ``@mii.hookimpl`` (``mii_core.plugins.hookimpl``) in a
-module or object registered under the ``mii.plugins`` entry-point group. Engine,
-scheduler and transport drivers (groups ``mii.engines``, ``mii.schedulers``,
-``mii.transports``) are registered as plugins too once loaded, so a driver can
-implement any hook below as a method.
+module or object registered under the ``mii.plugins`` entry-point group. Drivers
+(groups ``mii.engines``, ``mii.schedulers``, ``mii.transports``) are not hook plugins
+by themselves, except that the chosen engine (during ``serve()``'s validation and in
+its replica processes) and scheduler (in the load balancer) are registered, so they
+can implement hooks below as methods.
 
 Hooks are called with keyword arguments; an implementation may accept any subset.
 Unless marked ``firstresult``, every implementation runs and results are ignored.
@@ -40,7 +41,8 @@ def mii_validate_config(mii_config: "MIIConfig") -> None:
     """Refuse a configuration by raising ``mii.errors.ConfigError`` (or ValueError).
 
     Called in the process that calls ``serve()``, after ``mii_adjust_config`` and
-    mii's own checks, before any process starts. Engines use it to check that
+    mii's model checks (path, heads vs tensor_parallel), before the name, device and
+    port checks and before any process starts. Engines use it to check that
     the model fits their constraints (e.g. tensor_parallel divides the heads).
     """
 
@@ -84,7 +86,7 @@ def mii_deployment_started(record: "DeploymentRecord") -> None:
 
 @hookspec
 def mii_deployment_stopped(record: "DeploymentRecord", reason: str) -> None:
-    """Observe the end of a deployment (``reason``: terminated, failed, signal).
+    """Observe the end of a deployment (``reason``: terminated, interrupted, hangup, failed).
 
     Called in the supervisor process after every child exited, before the
     registry record is removed.

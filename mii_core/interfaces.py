@@ -90,7 +90,7 @@ class RequestInfo:
     params: GenerateParamsConfig
     replica: int
     arrived_at: float
-    prompt_tokens: List[int] = field(default_factory=list)
+    prompt_tokens: List[int] = field(default_factory=list)  # token count of each prompt
 
 
 class RequestHandle(Protocol):
@@ -117,8 +117,9 @@ class Transport(Protocol):
     name: str
 
     def serve_replica(self, service: GenerationService, config: MIIConfig, replica: int,
-                      port: int, on_terminate: Callable[[], None]) -> None:
-        """Serve ``service`` on ``port`` until terminated (blocks)."""
+                      port: int, on_terminate: Callable[[], None],
+                      host: str = "127.0.0.1") -> None:
+        """Serve ``service`` on ``host``:``port`` until terminated (blocks)."""
 
     def serve_load_balancer(self, config: MIIConfig, replica_addresses: List[str],
                             scheduler: Scheduler, on_terminate: Callable[[], None]) -> None:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List
 
+from mii_core.devices import LOCAL_NAMES
 from mii_core.lifecycle import RECORD_ENV, SUPERVISOR_PID_ENV
 from mii_core.registry import DeploymentRecord, ReplicaRecord
 
@@ -68,6 +69,9 @@ def replica_spec(record: DeploymentRecord, record_file: str, replica: ReplicaRec
     if replica.gpu_indices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in replica.gpu_indices)
     target = ["-m", REPLICA_MODULE, record_file, str(replica.index)]
+    if replica.hostname not in LOCAL_NAMES:
+        return ChildSpec(f"replica-{replica.index}",
+                         deepspeed_multinode_command(record, record_file, replica), env)
     if tp == 1:
         return ChildSpec(f"replica-{replica.index}", [sys.executable, *target], env)
     argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
@@ -79,7 +83,12 @@ def replica_spec(record: DeploymentRecord, record_file: str, replica: ReplicaRec
 
 def deepspeed_multinode_command(record: DeploymentRecord, record_file: str,
                                 replica: ReplicaRecord) -> List[str]:
-    """The DeepSpeed launcher command for a replica on a remote host of the hostfile."""
+    """The DeepSpeed launcher command for a replica on a remote host of the hostfile.
+
+    The launcher reaches the host over pdsh/ssh; the record file (and the model) must
+    be at the same path there (a shared filesystem). Not exercised in CI: no second
+    host exists there.
+    """
     config = record.mii_config
     include = f"{replica.hostname}:{','.join(str(g) for g in replica.gpu_indices)}"
     return ["deepspeed", "--hostfile", config.hostfile, "--include", include,

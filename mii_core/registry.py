@@ -106,7 +106,7 @@ def load(name: str) -> Optional[DeploymentRecord]:
 
 
 def load_file(path: Path) -> Optional[DeploymentRecord]:
-    """Parse one record file; a corrupt file counts as absent (and is reported by ``doctor``)."""
+    """Parse one record file; a corrupt file counts as absent (see ``read_problem``)."""
     try:
         return DeploymentRecord.model_validate(json.loads(Path(path).read_text()))
     except (OSError, ValueError, ValidationError):

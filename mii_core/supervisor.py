@@ -115,7 +115,7 @@ class Supervisor:
                 if self.transport.is_serving(address, timeout=0.2,
                                              tls_root_cert=self.config.tls_cert_file):
                     self._save(state="ready", ready_at=time.time())
-                    log.info("[progress] deployment %s ready on %s after %.1fs",
+                    log.info("deployment %s ready on %s after %.1fs",
                              self.record.name, address, time.time() - self.record.created_at)
                     hooks().mii_deployment_started(record=self.record)
                 elif time.time() > deadline:
@@ -140,7 +140,7 @@ class Supervisor:
 
     # -- teardown ----------------------------------------------------------------------
     def _track_pids(self, child: Child) -> None:
-        child.pids_seen |= set(_group_members(child.proc.pid))
+        child.pids_seen |= set(_group_members(child.proc.pid)) | set(_descendants(child.proc.pid))
 
     def _kill_group(self, child: Child, sig: int) -> None:
         try:
@@ -189,6 +189,26 @@ def _group_members(pgid: int) -> List[int]:
             except (ProcessLookupError, PermissionError):
                 continue
     return members
+
+
+def _descendants(pid: int) -> List[int]:
+    """Every process below ``pid`` (launchers may put ranks in sessions of their own)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as handle:
+                    kids = [int(k) for k in handle.read().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
 
 
 def _kill(pid: int) -> None:

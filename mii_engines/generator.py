@@ -80,7 +80,8 @@ class Generator:
     def __init__(self, loaded: LoadedModel, replica: int, max_batch_size: int,
                  max_queue_size: int, broadcast: Optional[Callable[[StepPlan], None]] = None,
                  on_finished: Optional[Callable[[RequestInfo, str], None]] = None,
-                 on_started: Optional[Callable[[RequestInfo], None]] = None) -> None:
+                 on_started: Optional[Callable[[RequestInfo], None]] = None,
+                 sync_debug: bool = False, profile_model_time: bool = False) -> None:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.replica = replica
@@ -90,6 +91,9 @@ class Generator:
         self.broadcast = broadcast
         self.on_finished = on_finished
         self.on_started = on_started
+        self.sync_debug = sync_debug
+        self.profile_model_time = profile_model_time
+        self._model_time = 0.0
         self.eos = self.tokenizer.eos_token_id
         self._queue: Deque[_Request] = deque()
         self._rows: List[_Row] = []
@@ -99,6 +103,7 @@ class Generator:
         self.counters: Dict[str, int] = {"requests": 0, "finished": 0, "cancelled": 0,
                                          "errors": 0, "tokens_generated": 0, "steps": 0}
         self.metrics = ServingMetrics()
+        self.failed: Optional[BaseException] = None
 
     # -- called from transport threads -------------------------------------------------
     def submit(self, prompts: List[str], params: GenerateParamsConfig,
@@ -126,7 +131,10 @@ class Generator:
                     f"{self.loaded.context_length} tokens; the limit here is {limit})")
             encoded.append(ids)
             budgets.append(budget)
-        info = RequestInfo(next(self._ids), len(prompts), params, self.replica, time.time())
+        info = RequestInfo(next(self._ids), len(prompts), params, self.replica, time.time(),
+                           prompt_tokens=[len(ids) for ids in encoded])
+        if self.on_started:  # before queueing: a hook that raises rejects the request
+            self.on_started(info)
         request = _Request(info, sink, encoded, budgets, pending=len(prompts))
         with self._cond:
             if self._stopping:
@@ -137,8 +145,6 @@ class Generator:
             self._queue.append(request)
             self.counters["requests"] += 1
             self._cond.notify()
-        if self.on_started:
-            self.on_started(info)
         return RequestHandle(self, request)
 
     def stats(self) -> Dict[str, Any]:
@@ -159,14 +165,28 @@ class Generator:
 
     # -- the loop ----------------------------------------------------------------------
     def run(self) -> None:
-        """Generate until ``stop()``; call from the engine thread."""
+        """Generate until ``stop()``; call from the engine thread.
+
+        A failing step (e.g. out of memory, a dead tensor-parallel peer) fails every
+        request in flight or queued with the error, then re-raises: the replica must
+        exit so that the supervisor restarts it, rather than keep answering health
+        checks with a dead loop.
+        """
+        reason = "the replica is shutting down"
         try:
             with torch.inference_mode():
                 while self._wait_for_work():
                     self._step()
+        except Exception as error:
+            self.failed = error
+            reason = f"the engine failed: {type(error).__name__}: {error}"
+            log.exception("engine step failed; failing all requests")
+            with self._cond:
+                self._stopping = True
+            raise
         finally:
-            self._cancel_all("the replica is shutting down")
-            if self.broadcast:
+            self._cancel_all(reason)
+            if self.broadcast and self.failed is None:
                 self.broadcast(StepPlan(shutdown=True))
 
     def _wait_for_work(self) -> bool:
@@ -215,8 +235,8 @@ class Generator:
         plan = StepPlan(keep=keep_arg,
                         decode=[row.last for row in self._rows] or None,
                         prefill=[row.prompt for row in joining] or None)
+        self._rows += joining  # before the forward, so a failing step fails them too
         decoded, prefilled = self._apply(plan)
-        self._rows += joining
         logits = torch.cat([t for t in (decoded, prefilled) if t is not None])
         banned = [row.eos if len(row.text.ids) < row.params.min_new_tokens else None
                   for row in self._rows]
@@ -229,7 +249,18 @@ class Generator:
     def _apply(self, plan: StepPlan):
         if self.broadcast:
             self.broadcast(plan)
-        return self.state.apply(plan)
+        if not (self.sync_debug or self.profile_model_time):
+            return self.state.apply(plan)
+        started = time.perf_counter()
+        result = self.state.apply(plan)
+        if self.loaded.device.type == "cuda":  # make the time (and any error) this step's
+            torch.cuda.synchronize(self.loaded.device)
+        self._model_time += time.perf_counter() - started
+        if self.profile_model_time and (self.counters["steps"] + 1) % 100 == 0:
+            log.info("model time: %.2f ms/step over the last 100 steps (%d rows)",
+                     self._model_time * 10, len(self._rows))
+            self._model_time = 0.0
+        return result
 
     def _advance(self, row: _Row, token: int, now: float) -> None:
         row.last = token
@@ -283,6 +314,14 @@ class Generator:
             log.exception("delivering tokens of request %s failed", request.info.request_id)
             request.cancelled = True
 
+    def _fail_row(self, row: _Row, why: str) -> None:
+        row.finish = "error"
+        self._deliver(row.request, TokenEvent(row.index, "", len(row.text.ids), len(row.prompt),
+                                              "error", error=RuntimeError(why)))
+        row.request.pending -= 1
+        if row.request.pending == 0:
+            self._finish_request(row.request, "error")
+
     def _cancel_queued(self, request: _Request) -> None:
         for index in range(request.admitted, len(request.prompts)):
             self._deliver(request, TokenEvent(index, "", 0, len(request.prompts[index]),
@@ -293,7 +332,7 @@ class Generator:
             self._finish_request(request, "cancelled")
 
     def _finish_request(self, request: _Request, outcome: str) -> None:
-        self.counters["finished" if outcome == "ok" else "cancelled"] += 1
+        self.counters[{"ok": "finished", "error": "errors"}.get(outcome, "cancelled")] += 1
         self.metrics.requests[outcome] += 1
         if self.on_finished:
             self.on_finished(request.info, outcome)
@@ -301,7 +340,10 @@ class Generator:
     def _cancel_all(self, why: str) -> None:
         for row in self._rows:
             if row.finish is None:
-                self._end(row, Finish.CANCELLED.value)
+                if self.failed is not None:
+                    self._fail_row(row, why)
+                else:
+                    self._end(row, Finish.CANCELLED.value)
         self._rows = []
         with self._cond:
             while self._queue:

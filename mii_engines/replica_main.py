@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 import time
 
 from mii_core import lifecycle, logs
+from mii_core.devices import LOCAL_NAMES
 from mii_core.interfaces import RankInfo
 from mii_core.plugins import hooks, load_driver, register_driver
 from mii_core.registry import DeploymentRecord, load_file
@@ -90,16 +92,29 @@ def serve(record: DeploymentRecord, replica: int, loaded, rank: RankInfo) -> Non
                           config.max_queue_size, broadcast=broadcast,
                           on_finished=lambda info, outcome: hooks().mii_request_finished(
                               request=info, outcome=outcome),
-                          on_started=lambda info: hooks().mii_request_started(request=info))
-    loop = threading.Thread(target=generator.run, name="engine-loop", daemon=True)
+                          on_started=lambda info: hooks().mii_request_started(request=info),
+                          sync_debug=config.model_conf.sync_debug,
+                          profile_model_time=config.model_conf.profile_model_time)
+    def run_loop() -> None:
+        try:
+            generator.run()
+        except Exception:  # logged by the generator; stop serving so we get restarted
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    loop = threading.Thread(target=run_loop, name="engine-loop", daemon=True)
     loop.start()
     transport = load_driver("transport", config.transport)()
     try:
-        transport.serve_replica(generator, config, replica, record.replicas[replica].port,
-                                lifecycle.request_deployment_shutdown)
+        placement = record.replicas[replica]
+        # A replica on another host must accept the load balancer's connections.
+        host = "127.0.0.1" if placement.hostname in LOCAL_NAMES else "0.0.0.0"
+        transport.serve_replica(generator, config, replica, placement.port,
+                                lifecycle.request_deployment_shutdown, host=host)
     finally:
         generator.stop()
         loop.join(timeout=30)
+    if generator.failed is not None:
+        raise SystemExit(f"engine loop failed: {generator.failed!r}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from mii_core.constants import GRPC_MAX_MSG_SIZE
-from mii_core.errors import MIIError, PortInUseError
+from mii_core.errors import MIIError, PortInUseError, ServerError
 from mii_core.interfaces import GenerationService, TokenEvent
 from mii_core.kwargs import check_prompts
 from mii_transport import codec, status
@@ -62,6 +62,8 @@ class ReplicaServicer(mii_pb2_grpc.MIIServiceServicer):
                 event = await queue.get()
                 if event.finish_reason:
                     remaining -= 1
+                if event.error is not None:
+                    raise ServerError(f"prompt {event.index} failed: {event.error}")
                 yield event
         finally:
             if remaining:  # the client went away or the call failed: free the batch slots

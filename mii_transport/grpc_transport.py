@@ -20,8 +20,9 @@ class GrpcTransport:
     name = "grpc"
 
     def serve_replica(self, service: GenerationService, config: MIIConfig, replica: int,
-                      port: int, on_terminate: Callable[[], None]) -> None:
-        """Serve one replica on 127.0.0.1:``port`` until SIGTERM (blocks)."""
+                      port: int, on_terminate: Callable[[], None],
+                      host: str = "127.0.0.1") -> None:
+        """Serve one replica on ``host``:``port`` until SIGTERM (blocks)."""
         describe = {"role": "replica", "replica": replica, "deployment": config.deployment_name,
                     "model": config.model_conf.model_name_or_path,
                     "engine": config.model_conf.engine}
@@ -29,7 +30,7 @@ class GrpcTransport:
         async def main() -> None:
             stop = asyncio.Event()
             servicer = ReplicaServicer(service, replica, describe, on_terminate)
-            await run_server(servicer, f"127.0.0.1:{port}", stop,
+            await run_server(servicer, f"{host}:{port}", stop,
                              on_started=lambda: log.info("[progress] replica %d serving on "
                                                          "port %d", replica, port),
                              token=config.auth_token)

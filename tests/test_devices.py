@@ -49,3 +49,24 @@ def test_bad_hostfile_line(tmp_path):
     with pytest.raises(ValueError, match="line 1"):
         read_hostfile(str(hostfile))
     assert read_hostfile(str(tmp_path / "missing")) is None
+
+
+def test_remote_replica_is_started_by_the_deepspeed_launcher_with_the_hostfile(tmp_path):
+    from mii_core.config import MIIConfig
+    from mii_core.launcher import replica_spec
+    from mii_core.registry import DeploymentRecord, ReplicaRecord
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("worker-1 slots=2\nworker-2 slots=2\n")
+    config = MIIConfig(model_config={"model_name_or_path": "m", "tensor_parallel": 2},
+                       hostfile=str(hostfile))
+    record = DeploymentRecord(
+        name="multi", config=config.model_dump(by_alias=True, mode="json"), host="127.0.0.1",
+        port=1, log_path="/dev/null",
+        replicas=[ReplicaRecord(index=0, hostname="worker-2", port=2, dist_port=29500,
+                                gpu_indices=[0, 1])])
+    spec = replica_spec(record, "/shared/record.json", record.replicas[0])
+    assert spec.argv[:5] == ["deepspeed", "--hostfile", str(hostfile), "--include", "worker-2:0,1"]
+    assert spec.argv[-3:] == ["mii_engines.replica_main", "/shared/record.json", "0"]
+    local = record.replicas[0].model_copy(update={"hostname": "localhost"})
+    assert "torch.distributed.run" in replica_spec(record, "/r.json", local).argv

@@ -210,3 +210,35 @@ def test_greedy_matches_transformers_generate(generator, loaded):
                                     max_new_tokens=24, min_new_tokens=24, pad_token_id=0)
         expected = loaded.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         assert ours.texts()[index] == expected
+
+
+def test_engine_failure_fails_every_request_and_stops_the_loop(loaded):
+    gen = Generator(loaded, replica=0, max_batch_size=1, max_queue_size=4)
+    running, queued = Collector(1), Collector(1)
+    gen.submit([PROMPTS[0]], GenerateParamsConfig(**GREEDY), running)
+    gen.submit([PROMPTS[1]], GenerateParamsConfig(**GREEDY), queued)
+
+    def broken_forward(*args, **kwargs):
+        raise RuntimeError("simulated device error")
+
+    loaded.model.forward = broken_forward  # instance attribute shadows the method
+    raised = []
+    thread = threading.Thread(target=lambda: raised.append(_run_and_catch(gen)))
+    try:
+        thread.start()
+        thread.join(timeout=30)
+    finally:
+        del loaded.model.forward
+    assert isinstance(raised[0], RuntimeError) and gen.failed is raised[0]
+    assert running.final(0).finish_reason == "error"
+    assert "simulated device error" in str(running.final(0).error)
+    assert queued.final(0).finish_reason == "cancelled"
+    assert gen.stats()["errors"] == 1
+
+
+def _run_and_catch(gen):
+    try:
+        gen.run()
+    except Exception as error:  # the loop re-raises so the replica process exits
+        return error
+    return None
