@@ -129,6 +129,12 @@ class ModelConfig(_Strict):
     """Log the mean model time per step every 100 steps (synchronizes the device each step)."""
     engine: str = DEFAULT_ENGINE
     """Engine plugin name from the ``mii.engines`` group; auto = deepspeed if it imports. (mii extension)"""
+    kv_cache: Literal["dynamic", "static"] = "dynamic"
+    """``dynamic``: caches grow per step; ``static``: one preallocated slot of
+    ``max_length`` tokens per batch row, with CUDA-graph decode on GPUs. (mii extension)"""
+    cuda_graphs: bool = True
+    """With ``kv_cache="static"`` on a GPU and tensor_parallel=1, replay decode steps
+    from CUDA graphs. (mii extension)"""
     max_batch_size: int = Field(64, gt=0)
     """Most requests generated together in one batch. (mii extension)"""
 

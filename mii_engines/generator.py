@@ -81,13 +81,14 @@ class Generator:
                  max_queue_size: int, broadcast: Optional[Callable[[StepPlan], None]] = None,
                  on_finished: Optional[Callable[[RequestInfo, str], None]] = None,
                  on_started: Optional[Callable[[RequestInfo], None]] = None,
-                 sync_debug: bool = False, profile_model_time: bool = False) -> None:
+                 sync_debug: bool = False, profile_model_time: bool = False,
+                 state: Optional[Any] = None) -> None:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.replica = replica
         self.max_batch_size = max_batch_size
         self.max_queue_size = max_queue_size
-        self.state = BatchState(loaded.model, loaded.device)
+        self.state = state or BatchState(loaded.model, loaded.device)
         self.broadcast = broadcast
         self.on_finished = on_finished
         self.on_started = on_started

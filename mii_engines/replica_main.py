@@ -71,11 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from mii_engines.distributed import PlanChannel
         from mii_engines.generator import follow
-        from mii_engines.batch_state import BatchState
 
-        follow(BatchState(loaded.model, loaded.device), PlanChannel().receive)
+        follow(_state(config.model_conf, loaded, rank), PlanChannel().receive)
     log.info("rank %d exits", rank.rank)
     return 0
+
+
+def _state(model_conf, loaded, rank: RankInfo):
+    from mii_engines.static_state import make_state
+
+    return make_state(loaded, model_conf.kv_cache, model_conf.max_batch_size,
+                      model_conf.cuda_graphs, rank.world_size)
 
 
 def serve(record: DeploymentRecord, replica: int, loaded, rank: RankInfo) -> None:
@@ -94,7 +100,8 @@ def serve(record: DeploymentRecord, replica: int, loaded, rank: RankInfo) -> Non
                               request=info, outcome=outcome),
                           on_started=lambda info: hooks().mii_request_started(request=info),
                           sync_debug=config.model_conf.sync_debug,
-                          profile_model_time=config.model_conf.profile_model_time)
+                          profile_model_time=config.model_conf.profile_model_time,
+                          state=_state(config.model_conf, loaded, rank))
     def run_loop() -> None:
         try:
             generator.run()

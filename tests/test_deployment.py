@@ -290,3 +290,17 @@ def test_ctrl_c_of_the_caller_does_not_stop_the_deployment(tiny_model, free_port
             proc.kill()
         from conftest import kill_ours
         kill_ours()
+
+
+def test_static_kv_cache_deployment_matches_dynamic(deployment, tiny_model, free_port):
+    static = mii.serve(tiny_model, deployment_name="static-kv", port_number=free_port,
+                       engine="transformers", kv_cache="static", max_length=128,
+                       max_batch_size=8)
+    try:
+        prompts = ["DeepSpeed is", "Seattle is", "The sea"]
+        assert [r.generated_text for r in static(prompts, **GREEDY)] == \
+            [r.generated_text for r in deployment(prompts, **GREEDY)]
+        with pytest.raises(InvalidGenerateParams, match="max_length"):
+            static(" ".join(["word"] * 200), max_new_tokens=2)  # beyond the slot length
+    finally:
+        static.terminate_server()

@@ -242,3 +242,36 @@ def _run_and_catch(gen):
     except Exception as error:  # the loop re-raises so the replica process exits
         return error
     return None
+
+
+@pytest.fixture
+def static_generator(loaded):
+    from mii_engines.static_state import StaticBatchState
+
+    state = StaticBatchState(loaded.model, loaded.device, max_rows=4, max_len=160)
+    gen = Generator(loaded, replica=0, max_batch_size=4, max_queue_size=32, state=state)
+    thread = threading.Thread(target=gen.run, daemon=True)
+    thread.start()
+    yield gen
+    gen.stop()
+    thread.join(timeout=10)
+
+
+def test_static_cache_gives_the_dynamic_cache_tokens(generator, static_generator):
+    assert run(static_generator, PROMPTS, **GREEDY).texts() == run(generator, PROMPTS,
+                                                                    **GREEDY).texts()
+
+
+def test_static_cache_rows_leave_and_join(generator, static_generator):
+    """Rows of different lengths leave at different steps; queued ones take their slots."""
+    lengths = [5, 40, 12, 30, 7, 25, 18, 3]
+    expected = [run(generator, [PROMPTS[i % 4]], do_sample=False, max_new_tokens=n,
+                    ignore_eos=True).texts()[0] for i, n in enumerate(lengths)]
+    sinks = []
+    for i, n in enumerate(lengths):
+        sink = Collector(1)
+        static_generator.submit([PROMPTS[i % 4]], GenerateParamsConfig(
+            do_sample=False, max_new_tokens=n, ignore_eos=True), sink)
+        sinks.append(sink)
+    assert all(sink.done.wait(60) for sink in sinks)
+    assert [sink.texts()[0] for sink in sinks] == expected
