@@ -9,9 +9,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from mii_core import lifecycle, logs
+from mii_core import lifecycle
 from mii_core.launcher import gateway_bind_host
-from mii_core.registry import load_file
 
 log = logging.getLogger(__name__)
 
@@ -19,11 +18,8 @@ log = logging.getLogger(__name__)
 def main(argv: list[str] | None = None) -> int:
     """Serve the deployment's REST / OpenAI-compatible API until SIGTERM."""
     args = sys.argv[1:] if argv is None else argv
-    logs.configure("rest-gateway")
-    lifecycle.exit_with_supervisor()
-    record = load_file(args[0])
+    record = lifecycle.start_child("rest-gateway", args[0])
     if record is None:
-        log.error("cannot read deployment record %s", args[0])
         return 2
     import uvicorn
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from mii_core import lifecycle, logs
+from mii_core import lifecycle
 from mii_core.plugins import load_driver, register_driver
-from mii_core.registry import load_file
 
 log = logging.getLogger(__name__)
 
@@ -14,11 +13,8 @@ log = logging.getLogger(__name__)
 def main(argv: list[str] | None = None) -> int:
     """Serve the deployment's client-facing port with the configured transport and scheduler."""
     args = sys.argv[1:] if argv is None else argv
-    logs.configure("load-balancer")
-    lifecycle.exit_with_supervisor()
-    record = load_file(args[0])
+    record = lifecycle.start_child("load-balancer", args[0])
     if record is None:
-        log.error("cannot read deployment record %s", args[0])
         return 2
     config = record.mii_config
     scheduler = load_driver("scheduler", config.scheduler)(len(record.replicas))

@@ -6,8 +6,12 @@ import os
 import signal
 import threading
 import time
+from typing import TYPE_CHECKING, Optional
 
 from mii_core.registry import SUPERVISOR_MODULE, pid_alive
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mii_core.registry import DeploymentRecord
 
 log = logging.getLogger(__name__)
 SUPERVISOR_PID_ENV = "MII_SUPERVISOR_PID"
@@ -27,6 +31,20 @@ def request_deployment_shutdown() -> None:
         os.kill(pid, signal.SIGTERM)
     else:  # a process started by hand: stop just ourselves
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def start_child(role: str, record_file: str) -> "Optional[DeploymentRecord]":
+    """Common start of a deployment's child process: log as ``role``, die with the
+    supervisor, and read the deployment record (None, logged, if it is unreadable)."""
+    from mii_core import logs
+    from mii_core.registry import load_file
+
+    logs.configure(role)
+    exit_with_supervisor()
+    record = load_file(record_file)
+    if record is None:
+        log.error("cannot read deployment record %s", record_file)
+    return record
 
 
 def exit_with_supervisor(interval: float = 0.5) -> None:

@@ -85,13 +85,8 @@ class StaticBatchState:
         """Number of running rows."""
         return len(self.lengths)
 
-    def apply(self, plan: StepPlan) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Run ``plan``; return last-position logits of decoded rows and of prefilled rows."""
-        if plan.keep is not None:
-            self._select(plan.keep)
-        decoded = self._decode(plan.decode) if plan.decode else None
-        prefilled = self._prefill(plan.prefill) if plan.prefill else None
-        return decoded, prefilled
+    # The same three operations in the same order as the dynamic state.
+    apply = BatchState.apply
 
     # -- decode ----------------------------------------------------------------------------
     def _decode(self, tokens: List[int]) -> torch.Tensor:

@@ -41,6 +41,19 @@ def our_processes() -> Dict[int, str]:
     return found
 
 
+def kill_deployment(name: str) -> None:
+    """Cleanup after a failed test: SIGKILL the processes of deployment ``name`` only."""
+    from mii_core import registry
+
+    record = str(registry.record_path(name))
+    for pid, path in our_processes().items():
+        if path == record:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def kill_ours() -> None:
     """Last-resort cleanup of this session's processes (only ours, by pid)."""
     for pid in our_processes():
@@ -102,6 +115,16 @@ def free_port() -> int:
     return pick()
 
 
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.1) -> bool:
+    """Poll ``predicate`` until it is true (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
 def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter (same environment) and return the result."""
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -123,4 +146,4 @@ def deployment(tiny_model, tmp_path_factory):
         try:
             client.terminate_server()
         except Exception:
-            kill_ours()
+            kill_deployment(name)

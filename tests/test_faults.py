@@ -9,18 +9,12 @@ import time
 import pytest
 
 import mii
+from conftest import wait_until
 from mii.errors import DeploymentNotFoundError, ServerOverloaded
 from mii_core import registry
 from mii_core.ports import free_port, is_port_free
 
 
-def wait_until(predicate, timeout=30.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_full_queue_answers_resource_exhausted(tiny_model):

@@ -11,6 +11,7 @@ from collections import Counter
 import pytest
 
 import mii
+from conftest import wait_until
 from mii.errors import DeploymentUnavailable
 from mii_core import registry
 from mii_core.ports import free_port
@@ -32,13 +33,6 @@ def replica_pids(client) -> dict:
     return {r["index"]: r["pid"] for r in client.info()["replicas"]}
 
 
-def wait_until(predicate, timeout=60.0, interval=0.1):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
 
 
 def both_healthy(client) -> bool:

@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import mii
+from conftest import wait_until
 from mii_core import registry
 from mii_core.ports import free_port as pick
 from mii_core.ports import is_port_free
@@ -21,13 +22,6 @@ from mii_core.ports import is_port_free
 GREEDY = dict(do_sample=False, max_new_tokens=12)
 
 
-def wait_until(predicate, timeout=20.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 @pytest.fixture(scope="module")
