@@ -6,7 +6,7 @@ replica; unary and streamed) and through the gateway (HTTP client -> gateway -> 
 balancer -> replica), on ``/mii/{name}``, ``/v1/completions`` and streamed
 ``/v1/completions``. The gateway's cost is the difference of the medians.
 
-    python bench/rest_gateway_overhead.py [--requests 100] \
+    python -m bench.rest_gateway_overhead [--requests 100] \
         [--out bench/results/rest_gateway_cpu.json]
 """
 from __future__ import annotations
@@ -26,19 +26,7 @@ import mii
 from mii.testing.tiny_model import ensure_tiny_model
 from mii_core.ports import free_port
 
-PROMPT = "DeepSpeed is"
-PARAMS = dict(do_sample=False, max_new_tokens=8, ignore_eos=True)
-
-
-def _timed(call, requests: int) -> list[float]:
-    for _ in range(5):
-        call()
-    latencies = []
-    for _ in range(requests):
-        started = time.perf_counter()
-        call()
-        latencies.append(time.perf_counter() - started)
-    return latencies
+from bench.serving_overhead import PARAMS, PROMPT, _timed  # same request, same timing
 
 
 def _summary(latencies: list[float]) -> dict:

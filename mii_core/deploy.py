@@ -165,7 +165,11 @@ def _wait_until_serving(config: MIIConfig, record: DeploymentRecord, proc: subpr
     while True:
         for line in follower.new_lines():
             _progress(line)
-        if transport.is_serving(address, timeout=0.5, tls_root_cert=config.tls_cert_file):
+        # Ready means the supervisor has seen it too: until then it treats a child's
+        # death as a failed start-up rather than restarting it.
+        current = registry.load(record.name)
+        if current is not None and current.state == "ready" and transport.is_serving(
+                address, timeout=0.5, tls_root_cert=config.tls_cert_file):
             _progress(f"deployment {record.name!r} ready in {time.time() - started:.1f}s")
             return
         code = proc.poll()
