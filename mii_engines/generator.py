@@ -277,9 +277,11 @@ class Generator:
         if token == row.eos and generated > row.params.min_new_tokens:
             row.text.ids.append(token)
             return self._end(row, Finish.STOP.value)
-        stop = row.text.add(token)
-        if stop is not None:
-            return self._end(row, Finish.STOP.value)
+        if row.params.stream or row.params.stop:
+            if row.text.add(token) is not None:  # a stop string appeared
+                return self._end(row, Finish.STOP.value)
+        else:  # nobody reads text before the end: decode once in _end, not every step
+            row.text.ids.append(token)
         if generated >= row.budget:
             return self._end(row, Finish.LENGTH.value)
         if row.params.stream:
