@@ -122,28 +122,29 @@ def plugin_manager() -> pluggy.PluginManager:
     return _PM
 
 
-def register_driver(driver: Any, kind: str) -> None:
-    """Register a loaded driver instance so that its ``@hookimpl`` methods are called."""
+def register_driver(driver: Any, kind: str) -> Optional[str]:
+    """Register a loaded driver instance so that its ``@hookimpl`` methods are called.
+
+    Returns the plugin name if this call registered it, None if it already was.
+    """
     manager = plugin_manager()
     name = f"{kind}:{type(driver).__module__}.{type(driver).__qualname__}"
-    if manager.get_plugin(name) is None:
-        manager.register(driver, name=name)
+    if manager.get_plugin(name) is not None:
+        return None
+    manager.register(driver, name=name)
+    return name
 
 
 @contextlib.contextmanager
 def driver_hooks(driver: Any, kind: str) -> Iterator[None]:
     """Register ``driver``'s hooks for the duration of a block (one ``serve()`` call),
     so a driver chosen by an earlier deployment in the same process does not vote."""
-    manager = plugin_manager()
-    name = f"{kind}:{type(driver).__module__}.{type(driver).__qualname__}"
-    added = manager.get_plugin(name) is None
-    if added:
-        manager.register(driver, name=name)
+    added = register_driver(driver, kind)
     try:
         yield
     finally:
         if added:
-            manager.unregister(name=name)
+            plugin_manager().unregister(name=added)
 
 
 def hooks() -> Any:

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, List, Optional
 
 import torch
@@ -50,12 +50,10 @@ class _Row:
     budget: int
     text: TextStream
     eos: Optional[int]
-    started: float
     first_token_at: Optional[float] = None
     last_token_at: Optional[float] = None
     last: Optional[int] = None
     finish: Optional[str] = None
-    events: List[TokenEvent] = field(default_factory=list)
 
     @property
     def params(self) -> GenerateParamsConfig:
@@ -101,8 +99,7 @@ class Generator:
         self._cond = threading.Condition()
         self._stopping = False
         self._ids = itertools.count(1)
-        self.counters: Dict[str, int] = {"requests": 0, "finished": 0, "cancelled": 0,
-                                         "errors": 0, "tokens_generated": 0, "steps": 0}
+        self.counters: Dict[str, int] = {"requests": 0, "steps": 0}
         self.metrics = ServingMetrics()
         self.failed: Optional[BaseException] = None
 
@@ -150,8 +147,10 @@ class Generator:
 
     def stats(self) -> Dict[str, Any]:
         """Counters plus current queue depth and batch size."""
-        return dict(self.counters, queue_depth=len(self._queue), running=len(self._rows),
-                    replica=self.replica,
+        outcomes = self.metrics.requests
+        return dict(self.counters, finished=outcomes["ok"], cancelled=outcomes["cancelled"],
+                    errors=outcomes["error"], tokens_generated=self.metrics.tokens_generated,
+                    queue_depth=len(self._queue), running=len(self._rows), replica=self.replica,
                     metrics=self.metrics.snapshot(len(self._queue), len(self._rows)))
 
     def stop(self) -> None:
@@ -218,7 +217,7 @@ class Generator:
         params = request.info.params
         return _Row(request, index, request.prompts[index], request.budgets[index],
                     TextStream(self.tokenizer, params.stop),
-                    None if params.ignore_eos else self.eos, time.time())
+                    None if params.ignore_eos else self.eos)
 
     def _step(self) -> None:
         keep = [i for i, row in enumerate(self._rows) if row.finish is None
@@ -271,7 +270,6 @@ class Generator:
         else:
             self.metrics.inter_token_latency.observe(now - row.last_token_at)
         row.last_token_at = now
-        self.counters["tokens_generated"] += 1
         self.metrics.tokens_generated += 1
         generated = len(row.text.ids) + 1
         if token == row.eos and generated > row.params.min_new_tokens:
@@ -335,7 +333,6 @@ class Generator:
             self._finish_request(request, "cancelled")
 
     def _finish_request(self, request: _Request, outcome: str) -> None:
-        self.counters[{"ok": "finished", "error": "errors"}.get(outcome, "cancelled")] += 1
         self.metrics.requests[outcome] += 1
         if self.on_finished:
             self.on_finished(request.info, outcome)
