@@ -135,6 +135,9 @@ class ModelConfig(_Strict):
     cuda_graphs: bool = True
     """With ``kv_cache="static"`` on a GPU and tensor_parallel=1, replay decode steps
     from CUDA graphs. (mii extension)"""
+    torch_compile: bool = False
+    """With ``kv_cache="static"`` and tensor_parallel=1, ``torch.compile`` the decode step
+    (fused kernels; the compilation is paid before the deployment is ready). (mii extension)"""
     max_batch_size: int = Field(64, gt=0)
     """Most requests generated together in one batch. (mii extension)"""
 

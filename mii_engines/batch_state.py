@@ -88,19 +88,7 @@ class BatchState:
         return logits
 
     def _prefill(self, prompts: List[List[int]]) -> torch.Tensor:
-        width = max(len(p) for p in prompts)
-        ids = torch.zeros((len(prompts), width), dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = torch.tensor(prompt)
-            mask[row, width - len(prompt):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        causal = torch.ones((width, width), dtype=torch.bool, device=self.device).tril()
-        allowed = causal[None] & mask.bool()[:, None, :]
-        # A padding query must attend to something (itself), or its output is NaN and
-        # would poison the cache of the layers above.
-        allowed |= torch.eye(width, dtype=torch.bool, device=self.device)[None]
+        ids, mask, positions, allowed = left_padded(prompts, self.device)
         cache = DynamicCache()
         logits = self._forward(ids, allowed[:, None], positions, cache)
         self._merge(cache, mask, positions[:, -1] + 1)
@@ -134,6 +122,25 @@ class BatchState:
         for layer in self.cache.layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, first:]
             layer.values = layer.values.index_select(0, index)[:, :, first:]
+
+
+def left_padded(prompts: List[List[int]], device: torch.device
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts right-aligned in one batch: ids, 0/1 mask, positions, [rows, q, k] allowed."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
+    allowed = causal[None] & mask.bool()[:, None, :]
+    # A padding query must attend to something (itself), or its output is NaN and
+    # would poison the cache of the layers above.
+    allowed |= torch.eye(width, dtype=torch.bool, device=device)[None]
+    return ids, mask, positions, allowed
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:

@@ -25,10 +25,13 @@ from mii_core.interfaces import LoadedModel, RequestInfo, TokenEvent
 from mii_engines.batch_state import BatchState, StepPlan
 from mii_engines.detokenize import TextStream
 from mii_engines.metrics import ServingMetrics
-from mii_engines.sampling import next_tokens
+from mii_engines.sampling import RowParams, row_params, sample
 
 log = logging.getLogger(__name__)
 IDLE_HEARTBEAT_S = 5.0  # followers of a TP replica hear from rank 0 at least this often
+# Prompt tokens admitted per step (a longer single prompt still joins alone): bounds how
+# long one prefill stalls the rows that are decoding.
+PREFILL_TOKENS_PER_STEP = 8192
 
 
 @dataclass
@@ -96,6 +99,7 @@ class Generator:
         self.eos = self.tokenizer.eos_token_id
         self._queue: Deque[_Request] = deque()
         self._rows: List[_Row] = []
+        self._row_params: Optional[RowParams] = None  # of self._rows; rebuilt when they change
         self._cond = threading.Condition()
         self._stopping = False
         self._ids = itertools.count(1)
@@ -198,6 +202,7 @@ class Generator:
 
     def _admit(self) -> List[_Row]:
         rows: List[_Row] = []
+        tokens = 0
         with self._cond:
             while self._queue and len(self._rows) + len(rows) < self.max_batch_size:
                 request = self._queue[0]
@@ -206,11 +211,18 @@ class Generator:
                     self._cancel_queued(request)
                     continue
                 room = self.max_batch_size - len(self._rows) - len(rows)
-                end = min(len(request.prompts), request.admitted + room)
-                rows += [self._new_row(request, i) for i in range(request.admitted, end)]
+                end = request.admitted
+                while end < min(len(request.prompts), request.admitted + room):
+                    tokens += len(request.prompts[end])
+                    if rows and tokens > PREFILL_TOKENS_PER_STEP:
+                        break
+                    rows.append(self._new_row(request, end))
+                    end += 1
                 request.admitted = end
                 if end == len(request.prompts):
                     self._queue.popleft()
+                if tokens > PREFILL_TOKENS_PER_STEP:
+                    break
         return rows
 
     def _new_row(self, request: _Request, index: int) -> _Row:
@@ -236,11 +248,17 @@ class Generator:
                         decode=[row.last for row in self._rows] or None,
                         prefill=[row.prompt for row in joining] or None)
         self._rows += joining  # before the forward, so a failing step fails them too
+        if keep_arg is not None or joining:
+            self._row_params = None
         decoded, prefilled = self._apply(plan)
-        logits = torch.cat([t for t in (decoded, prefilled) if t is not None])
+        logits = decoded if prefilled is None else (
+            prefilled if decoded is None else torch.cat([decoded, prefilled]))
+        if self._row_params is None:
+            self._row_params = row_params([row.params for row in self._rows],
+                                          logits.shape[-1], logits.device)
         banned = [row.eos if len(row.text.ids) < row.params.min_new_tokens else None
                   for row in self._rows]
-        tokens = next_tokens(logits, [row.params for row in self._rows], banned)
+        tokens = sample(logits, self._row_params, banned).tolist()  # the step's one sync
         now = time.time()
         for row, token in zip(self._rows, tokens):
             self._advance(row, token, now)

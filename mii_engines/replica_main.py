@@ -80,8 +80,13 @@ def main(argv: list[str] | None = None) -> int:
 def _state(model_conf, loaded, rank: RankInfo):
     from mii_engines.static_state import make_state
 
-    return make_state(loaded, model_conf.kv_cache, model_conf.max_batch_size,
-                      model_conf.cuda_graphs, rank.world_size)
+    state = make_state(loaded, model_conf.kv_cache, model_conf.max_batch_size,
+                       model_conf.cuda_graphs, rank.world_size, model_conf.torch_compile)
+    if getattr(state, "use_graphs", False):
+        log.info("[progress] rank %d: capturing decode CUDA graphs%s", rank.rank,
+                 " (torch.compile first)" if model_conf.torch_compile else "")
+        log.info("[progress] rank %d: decode graphs ready in %.1fs", rank.rank, state.warm_up())
+    return state
 
 
 def serve(record: DeploymentRecord, replica: int, loaded, rank: RankInfo) -> None:

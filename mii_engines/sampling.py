@@ -1,6 +1,14 @@
-"""Choosing the next token of every row, each row with its own parameters."""
+"""Choosing the next token of every row, each row with its own parameters, in one batch.
+
+Everything runs on the logits' device with a fixed handful of kernels whatever the
+mix of rows: greedy rows take an argmax; sampling rows are scaled by their
+temperature, cut to their top-k and top-p in one sort, and drawn with the
+exponential-race trick (argmax of p / Exp(1) noise), which is an exact categorical
+draw and needs no host synchronisation, unlike ``torch.multinomial``.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
@@ -8,37 +16,70 @@ import torch
 from mii_core.config import GenerateParamsConfig
 
 
-def _filter_row(logits: torch.Tensor, params: GenerateParamsConfig) -> torch.Tensor:
-    if params.temperature is not None and params.temperature != 1.0:
-        logits = logits / params.temperature
-    if params.top_k is not None and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        # Drop tokens once the mass before them already reaches top_p (keep at least one).
-        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(0, order, sorted_logits)
-    return logits
+@dataclass
+class RowParams:
+    """The sampling parameters of the running rows as device tensors (built per batch)."""
+
+    sampled: Optional[torch.Tensor]  # indices of rows that sample; None: all greedy
+    temperature: Optional[torch.Tensor]  # [sampled rows, 1]
+    top_k: Optional[torch.Tensor]  # [sampled rows, 1]; vocab size where unset
+    top_p: Optional[torch.Tensor]  # [sampled rows, 1]; 1.0 where unset
+    needs_sort: bool = False
+
+
+def row_params(params: Sequence[GenerateParamsConfig], vocab: int,
+               device: torch.device) -> RowParams:
+    """Tensors for ``params`` (one entry per running row)."""
+    sampled = [i for i, p in enumerate(params) if p.do_sample]
+    if not sampled:
+        return RowParams(None, None, None, None)
+    chosen = [params[i] for i in sampled]
+    top_k = [min(p.top_k or vocab, vocab) for p in chosen]
+    top_p = [p.top_p for p in chosen]
+
+    def column(values: List[float], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)[:, None]
+
+    return RowParams(torch.tensor(sampled, dtype=torch.long).to(device, non_blocking=True),
+                     column([p.temperature or 1.0 for p in chosen], torch.float32),
+                     column(top_k, torch.long), column(top_p, torch.float32),
+                     needs_sort=any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p))
+
+
+def sample(logits: torch.Tensor, rows: RowParams, banned: Sequence[Optional[int]] = (),
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One token per row of ``logits`` [rows, vocab], as a device tensor of int64.
+
+    ``banned[i]`` is a token id row i may not produce yet (EOS before min_new_tokens).
+    """
+    logits = logits.float()
+    ban = [(row, token) for row, token in enumerate(banned) if token is not None]
+    if ban:
+        index = torch.tensor(ban, dtype=torch.long).to(logits.device)
+        logits[index[:, 0], index[:, 1]] = float("-inf")
+    chosen = logits.argmax(dim=-1)
+    if rows.sampled is None:
+        return chosen
+    scores = logits.index_select(0, rows.sampled) / rows.temperature
+    if rows.needs_sort:
+        scores, order = torch.sort(scores, dim=-1, descending=True)
+        ranks = torch.arange(scores.shape[-1], device=scores.device)[None, :]
+        scores = scores.masked_fill(ranks >= rows.top_k, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        # Drop a token once the mass before it already reaches top_p (the first stays).
+        scores = scores.masked_fill(probs.cumsum(dim=-1) - probs >= rows.top_p, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    # clamp: a zero draw would turn a zero-probability token into 0/0
+    noise = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=1e-20)
+    picked = (probs / noise).argmax(dim=-1)
+    if rows.needs_sort:
+        picked = order.gather(1, picked[:, None])[:, 0]
+    return chosen.index_copy(0, rows.sampled, picked)
 
 
 def next_tokens(logits: torch.Tensor, params: Sequence[GenerateParamsConfig],
                 banned: Sequence[Optional[int]], generator: Optional[torch.Generator] = None
                 ) -> List[int]:
-    """One token per row of ``logits`` [rows, vocab].
-
-    ``banned[i]`` is a token id row i may not produce yet (EOS before min_new_tokens).
-    Greedy rows are decided in one vectorized argmax; sampled rows one by one.
-    """
-    logits = logits.float()
-    for row, token in enumerate(banned):
-        if token is not None:
-            logits[row, token] = float("-inf")
-    chosen = logits.argmax(dim=-1).tolist()
-    for row, row_params in enumerate(params):
-        if row_params.do_sample:
-            probs = torch.softmax(_filter_row(logits[row], row_params), dim=-1)
-            chosen[row] = int(torch.multinomial(probs, 1, generator=generator))
-    return chosen
+    """One token per row as Python ints (builds the row tensors for this call only)."""
+    rows = row_params(params, logits.shape[-1], logits.device)
+    return sample(logits, rows, banned, generator).tolist()

@@ -3,82 +3,97 @@
 Same contract as :class:`mii_engines.batch_state.BatchState` (``apply(plan)``), so the
 batching loop does not care which one runs. Differences:
 
-- Every row owns a slot of a preallocated [rows, kv_heads, max_len, head_dim] buffer per
-  layer; its tokens start at column 0, so positions equal columns and no padding exists.
+- Every row owns a slot of a preallocated [rows, kv_heads, max_len + 1, head_dim]
+  buffer per layer; its tokens start at column 0, so positions equal columns. The
+  last column is scratch: prefill padding is written there and never attended to.
 - A decode step writes each row's new key/value at that row's own column (an
   ``index_put_`` with device tensors) and attends over the whole slot with a mask built
   on the device from the rows' lengths. Shapes depend only on the number of rows, so
   on CUDA each row-count bucket (1, 2, 4, ... max rows) is captured once as a CUDA graph
-  and replayed: one launch per step instead of hundreds.
-- Prompts are prefilled eagerly with a dynamic cache, then copied into their slots.
-- Rows that leave are compacted: the rows after them move down one slot at a time.
+  (optionally from a ``torch.compile``d step) and replayed: one launch per step.
+- Prompts are prefilled in one left-padded batch whose keys and values go straight
+  into their slots (one scatter per layer), with no intermediate cache.
+- Rows that leave are compacted with one gather per layer.
 """
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from transformers import DynamicCache
 
-from mii_engines.batch_state import BatchState, StepPlan
+from mii_engines.batch_state import BatchState, StepPlan, left_padded
 
 log = logging.getLogger(__name__)
 
 
 class SlotCache:
-    """The cache object handed to the model: ``update`` writes one column per row."""
+    """The cache object handed to the model: ``update`` writes into the rows' slots."""
 
     is_compileable = False
 
-    def __init__(self) -> None:
+    def __init__(self, max_rows: int, max_len: int, write_pos: torch.Tensor) -> None:
+        self.max_rows, self.max_len = max_rows, max_len
         self.keys: List[torch.Tensor] = []
         self.values: List[torch.Tensor] = []
-        self.write_pos: Optional[torch.Tensor] = None  # [max_rows] column each row writes
-        self.row_index: Optional[torch.Tensor] = None  # [max_rows] 0..max_rows-1
-
-    def allocate(self, like: DynamicCache, max_rows: int, max_len: int) -> None:
-        """Allocate buffers shaped after a prefilled dynamic cache's layers."""
-        for layer in like.layers:
-            _, heads, _, dim = layer.keys.shape
-            shape = (max_rows, heads, max_len, dim)
-            self.keys.append(torch.zeros(shape, dtype=layer.keys.dtype, device=layer.keys.device))
-            self.values.append(torch.zeros(shape, dtype=layer.values.dtype,
-                                           device=layer.values.device))
-        device = like.layers[0].keys.device
-        self.write_pos = torch.zeros(max_rows, dtype=torch.long, device=device)
-        self.row_index = torch.arange(max_rows, device=device)
+        self.write_pos = write_pos  # [max_rows] column each row writes during decode
+        self.row_index = torch.arange(max_rows, device=write_pos.device)
+        # While prefilling: (slots [n, 1], columns [n, width]) each prompt column goes to.
+        self.prefill_to: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Unused: mii always passes cache_position and a 4D mask."""
         return 0
 
+    def _allocate(self, like: torch.Tensor) -> None:
+        _, heads, _, dim = like.shape
+        shape = (self.max_rows, heads, self.max_len + 1, dim)
+        self.keys.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
+        self.values.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Write the new column of every row; return the rows' whole slots."""
+        """Store the new keys/values; return what this step's queries attend to."""
+        if layer_idx == len(self.keys):  # shapes known only now (a TP rank holds a shard)
+            self._allocate(key_states)
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self.prefill_to is not None:  # fresh rows attend only to their own prompt
+            slots, columns = self.prefill_to
+            keys[slots, :, columns] = key_states.transpose(1, 2)
+            values[slots, :, columns] = value_states.transpose(1, 2)
+            return key_states, value_states
         rows = key_states.shape[0]
         index, columns = self.row_index[:rows], self.write_pos[:rows]
-        self.keys[layer_idx][index, :, columns, :] = key_states[:, :, 0, :]
-        self.values[layer_idx][index, :, columns, :] = value_states[:, :, 0, :]
-        return self.keys[layer_idx][:rows], self.values[layer_idx][:rows]
+        keys[index, :, columns, :] = key_states[:, :, 0, :]
+        values[index, :, columns, :] = value_states[:, :, 0, :]
+        return keys[:rows], values[:rows]
 
 
 class StaticBatchState:
     """Running rows in fixed slots; decode steps replayed from CUDA graphs on GPUs."""
 
     def __init__(self, model: Any, device: torch.device, max_rows: int, max_len: int,
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True, compile_decode: bool = False) -> None:
         self.model = model
         self.device = device
         self.max_rows = max_rows
         self.max_len = max_len
-        self.eager = BatchState(model, device)  # prefill path and mask rules
-        self.cache = SlotCache()
+        self.eager = BatchState(model, device)  # forward call and mask rules
         self.lengths: List[int] = []  # tokens held by each running row
         self.use_graphs = cuda_graphs and device.type == "cuda"
         self.graphs: Dict[int, Tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.input_ids: Optional[torch.Tensor] = None
-        self.columns = torch.arange(max_len, device=device)
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        # Decode inputs: row 0 the tokens, row 1 the columns they go to (= positions).
+        self.inputs = torch.zeros((2, max_rows), dtype=torch.long, device=device)
+        pin = device.type == "cuda"
+        self.staging = torch.zeros((2, max_rows), dtype=torch.long, pin_memory=pin)
+        self._staged = torch.cuda.Event() if pin else None
+        self.cache = SlotCache(max_rows, max_len, self.inputs[1])
+        self.columns = torch.arange(max_len + 1, device=device)
+        self._forward = self._decode_forward
+        if compile_decode:
+            self._forward = torch.compile(self._decode_forward, dynamic=True)
 
     @property
     def rows(self) -> int:
@@ -94,35 +109,43 @@ class StaticBatchState:
         assert rows == self.rows, "decode rows mismatch"
         if max(self.lengths) >= self.max_len:
             raise RuntimeError(f"a row reached the static cache length {self.max_len}")
-        bucket = self._bucket(rows)
-        self.input_ids[:bucket].zero_()
-        self.input_ids[:rows, 0] = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        self.cache.write_pos[:bucket].zero_()
-        self.cache.write_pos[:rows] = torch.tensor(self.lengths, dtype=torch.long,
-                                                   device=self.device)
+        bucket = self._bucket(rows) if self.use_graphs else rows
+        if self._staged is not None:  # the previous copy out of staging has finished
+            self._staged.synchronize()
+        self.staging[:, :bucket].zero_()  # rows past `rows` write column 0 of free slots
+        self.staging[:, :rows] = torch.tensor([tokens, self.lengths], dtype=torch.long)
+        self.inputs[:, :bucket].copy_(self.staging[:, :bucket], non_blocking=True)
+        if self._staged is not None:
+            self._staged.record()
         if self.use_graphs:
             graph, output = self._graph(bucket)
             graph.replay()
-            logits = output[:rows].clone()
+            logits = output[:rows]  # read (sampled) before the next replay overwrites it
         else:
-            logits = self._decode_forward(bucket)[:rows]
+            logits = self._forward(bucket)[:rows]
         self.lengths = [length + 1 for length in self.lengths]
         return logits
 
     def _decode_forward(self, bucket: int) -> torch.Tensor:
-        positions = self.cache.write_pos[:bucket]
+        positions = self.inputs[1, :bucket]
         allowed = (self.columns[None, :] <= positions[:, None])[:, None, None, :]
-        out = self.model(input_ids=self.input_ids[:bucket], position_ids=positions[:, None],
+        out = self.model(input_ids=self.inputs[0, :bucket, None],
+                         position_ids=positions[:, None],
                          attention_mask=self.eager._mask_for_model(allowed),
                          cache_position=positions[:1], use_cache=True, logits_to_keep=1,
                          **{self.eager.cache_arg: self.cache})
         return out.logits[:, -1, :]
 
+    def buckets(self) -> List[int]:
+        """Row counts that get their own CUDA graph: powers of two, then max_rows."""
+        sizes, size = [], 1
+        while size < self.max_rows:
+            sizes.append(size)
+            size *= 2
+        return sizes + [self.max_rows]
+
     def _bucket(self, rows: int) -> int:
-        bucket = 1
-        while bucket < rows:
-            bucket *= 2
-        return min(bucket, self.max_rows)
+        return next(size for size in self.buckets() if size >= rows)
 
     def _graph(self, bucket: int) -> Tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         if bucket not in self.graphs:
@@ -130,50 +153,77 @@ class StaticBatchState:
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):  # warm up outside the graph, as CUDA requires
                 for _ in range(2):
-                    self._decode_forward(bucket)
+                    self._forward(bucket)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                output = self._decode_forward(bucket)
+            with torch.cuda.graph(graph, pool=self._pool):
+                output = self._forward(bucket)
             self.graphs[bucket] = (graph, output)
             log.info("captured the decode step for %d rows as a CUDA graph", bucket)
         return self.graphs[bucket]
 
+    def warm_up(self) -> float:
+        """Allocate the cache and capture every bucket's graph now; return the seconds taken.
+
+        Done before the replica reports ready, so no request pays for a capture (or a
+        compilation) and the memory the graphs need is claimed up front.
+        """
+        started = time.perf_counter()
+        with torch.inference_mode():
+            self._prefill([[0] * 4])  # any token: shapes only
+            if self.use_graphs:
+                for bucket in sorted(self.buckets(), reverse=True):  # largest first: pool reuse
+                    self._graph(bucket)
+            else:
+                self._forward(1)
+            self._select([])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
+
     # -- prefill and leaving rows -----------------------------------------------------------
     def _prefill(self, prompts: List[List[int]]) -> torch.Tensor:
+        lengths = [len(p) for p in prompts]
         if self.rows + len(prompts) > self.max_rows:
             raise RuntimeError(f"more than {self.max_rows} rows for the static cache")
-        if max(len(p) for p in prompts) >= self.max_len:
+        if max(lengths) >= self.max_len:
             raise RuntimeError(f"a prompt reaches the static cache length {self.max_len}")
-        scratch = BatchState(self.model, self.device)
-        logits = scratch._prefill(prompts)
-        if not self.cache.keys:
-            self.cache.allocate(scratch.cache, self.max_rows, self.max_len)
-            self.input_ids = torch.zeros((self.max_rows, 1), dtype=torch.long, device=self.device)
-        width = scratch.mask.shape[1]
-        for offset, prompt in enumerate(prompts):
-            slot, length = self.rows + offset, len(prompt)
-            for layer, source in enumerate(scratch.cache.layers):
-                self.cache.keys[layer][slot, :, :length] = source.keys[offset, :, width - length:]
-                self.cache.values[layer][slot, :, :length] = source.values[offset, :,
-                                                                           width - length:]
-        self.lengths += [len(p) for p in prompts]
+        ids, _, positions, allowed = left_padded(prompts, self.device)
+        width = ids.shape[1]
+        pad = torch.tensor([width - n for n in lengths], device=self.device)
+        columns = torch.arange(width, device=self.device)[None, :] - pad[:, None]
+        columns = columns.masked_fill(columns < 0, self.max_len)  # padding -> scratch column
+        slots = torch.arange(self.rows, self.rows + len(prompts), device=self.device)[:, None]
+        self.cache.prefill_to = (slots, columns)
+        try:
+            logits = self.eager._forward(ids, allowed[:, None], positions, self.cache)
+        finally:
+            self.cache.prefill_to = None
+        self.lengths += lengths
         return logits
 
     def _select(self, keep: List[int]) -> None:
-        for new, old in enumerate(keep):
-            if new != old:  # keep is increasing, so sources are never overwritten first
-                for keys, values in zip(self.cache.keys, self.cache.values):
-                    keys[new].copy_(keys[old])
-                    values[new].copy_(values[old])
+        moved = [(new, old) for new, old in enumerate(keep) if new != old]
+        if moved:
+            target = torch.tensor([new for new, _ in moved], device=self.device)
+            source = torch.tensor([old for _, old in moved], device=self.device)
+            for keys, values in zip(self.cache.keys, self.cache.values):
+                keys[target] = keys[source]  # the gather copies before the scatter writes
+                values[target] = values[source]
         self.lengths = [self.lengths[old] for old in keep]
 
 
 def make_state(loaded: Any, kv_cache: str, max_rows: int, cuda_graphs: bool,
-               world_size: int) -> Any:
+               world_size: int, compile_decode: bool = False) -> Any:
     """The batch state the configuration asks for (same on every rank of a replica)."""
     if kv_cache == "static":
+        single = world_size == 1
+        if single:  # sharded (AutoTP) layers are not plain nn.Linear; fusing is for tp=1
+            from mii_engines.fusion import fuse_projections
+
+            fuse_projections(loaded.model)
         # NCCL collectives inside captured graphs are not set up here: eager for TP > 1.
         return StaticBatchState(loaded.model, loaded.device, max_rows, loaded.context_length,
-                                cuda_graphs=cuda_graphs and world_size == 1)
+                                cuda_graphs=cuda_graphs and single,
+                                compile_decode=compile_decode and single)
     return BatchState(loaded.model, loaded.device)

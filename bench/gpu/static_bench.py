@@ -1,9 +1,17 @@
-"""Static KV cache + CUDA-graph decode vs the dynamic cache, through mii.serve, one GPU.
+"""The fast engine through the whole serving path (mii.serve + client), one GPU.
 
-    python bench/gpu/static_bench.py        (run.sh's environment; results -> gpu_bench.jsonl)
+    python bench/gpu/static_bench.py [CONFIG ...]   (run.sh's environment; -> gpu_bench.jsonl)
+
+Configs: dynamic (default cache, eager), static (slot cache, fused projections, CUDA
+graphs), compiled (static + torch.compile). For each: serve()→ready seconds (model
+load + graph capture/compilation), tok/s for 1/16/64 concurrent requests (128-token
+prompts, 128 new tokens, greedy, ignore_eos), TTFT and inter-token latency p50/p99
+measured by streaming clients at 1 and 64 concurrent, peak GPU memory (nvidia-smi,
+minus the baseline), and greedy text equality against the dynamic cache.
 """
 import asyncio
 import os
+import statistics
 import sys
 import time
 
@@ -14,6 +22,8 @@ import mii  # noqa: E402
 from mii_core.ports import free_port  # noqa: E402
 
 KW = dict(do_sample=False, max_new_tokens=common.G, ignore_eos=True)
+CONFIGS = {"dynamic": dict(kv_cache="dynamic"), "static": dict(kv_cache="static"),
+           "compiled": dict(kv_cache="static", torch_compile=True)}
 
 
 async def concurrent(client, n, tokens=common.G):
@@ -25,29 +35,69 @@ async def concurrent(client, n, tokens=common.G):
     return sum(r[0].generated_length for r in replies) / wall
 
 
-def run(kv_cache: str) -> list:
-    started = time.perf_counter()
-    client = mii.serve(common.MODEL_DIR, deployment_name=f"static-{kv_cache}",
-                       port_number=free_port(), engine="transformers", kv_cache=kv_cache,
-                       max_length=512, max_batch_size=64)
-    ready = time.perf_counter() - started
-    try:
-        greedy = [r.generated_text for r in client(common.greedy_prompts(), do_sample=False,
-                                                   max_new_tokens=common.GREEDY_TOKENS,
-                                                   ignore_eos=True)]
-        asyncio.run(concurrent(client, 4))  # warm-up (captures small graphs)
-        for n in (1, 16, 64):
-            asyncio.run(concurrent(client, n, tokens=4))  # capture this bucket's graph first
-            common.log(phase="D_static", engine=f"ours_transformers_{kv_cache}", mode="concurrent",
-                       bs=n, tok_s=round(asyncio.run(concurrent(client, n)), 1),
-                       ready_s=round(ready, 1))
-        return greedy
-    finally:
-        client.terminate_server()
+async def streamed(client, n):
+    """TTFT and gaps between streamed chunks, seen by n concurrent streaming clients."""
+    async def one(text):
+        started = time.perf_counter()
+        stamps = []
+        async for _ in client.astream(text, timeout=300, **KW):
+            stamps.append(time.perf_counter())
+        return stamps[0] - started, [b - a for a, b in zip(stamps, stamps[1:])]
+
+    results = await asyncio.gather(*(one(t) for t in common.prompts(n, seed=7 + n)))
+    ttft = sorted(r[0] for r in results)
+    gaps = sorted(g for r in results for g in r[1])
+    return {f"ttft_ms_p50_bs{n}": _ms(_pct(ttft, 50)), f"ttft_ms_p99_bs{n}": _ms(_pct(ttft, 99)),
+            f"itl_ms_p50_bs{n}": _ms(_pct(gaps, 50)), f"itl_ms_p99_bs{n}": _ms(_pct(gaps, 99))}
+
+
+def _pct(values, q):
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def _ms(seconds):
+    return round(seconds * 1e3, 2)
+
+
+def run(name: str) -> list:
+    with common.GpuSampler(interval=0.5) as sampler:
+        started = time.perf_counter()
+        client = mii.serve(common.MODEL_DIR, deployment_name=f"fast-{name}",
+                           port_number=free_port(), engine="transformers", max_length=512,
+                           max_batch_size=64, **CONFIGS[name])
+        ready = time.perf_counter() - started
+        try:
+            greedy = [r.generated_text for r in client(common.greedy_prompts(), do_sample=False,
+                                                       max_new_tokens=common.GREEDY_TOKENS,
+                                                       ignore_eos=True)]
+            asyncio.run(concurrent(client, 4, tokens=8))  # warm the path
+            for n in common.BATCHES:
+                tok_s = statistics.median(asyncio.run(concurrent(client, n)) for _ in range(2))
+                common.log(phase="D_static", engine=f"ours_{name}", mode="concurrent", bs=n,
+                           tok_s=round(tok_s, 1), ready_s=round(ready, 1))
+            latency = {}
+            for n in (1, common.BATCHES[-1]):
+                latency.update(asyncio.run(streamed(client, n)))
+        finally:
+            client.terminate_server()
+    common.log(phase="D_static", engine=f"ours_{name}", kind="latency_memory",
+               ready_s=round(ready, 1), **latency, **sampler.summary())
+    return greedy
 
 
 if __name__ == "__main__":
-    dynamic = run("dynamic")
-    static = run("static")
-    common.log(phase="D_static", kind="greedy_compare", what="static vs dynamic",
-               **common.compare_texts(static, dynamic))
+    common.exit_on_sigterm()
+    names = sys.argv[1:] or ["dynamic", "static", "compiled"]
+    texts = {}
+    for name in names:
+        try:
+            texts[name] = run(name)
+        except Exception as error:  # report, go on with the next config
+            common.log(phase="D_static", engine=f"ours_{name}",
+                       error=f"{type(error).__name__}: {error}"[:1500])
+    for name in names:
+        if name != "dynamic" and name in texts and "dynamic" in texts:
+            common.log(phase="D_static", kind="greedy_compare", what=f"{name} vs dynamic",
+                       **common.compare_texts(texts[name], texts["dynamic"]))

@@ -1,0 +1,142 @@
+"""Where does a decode step's time go? mii's static state in-process, variant by variant.
+
+    python bench/gpu/probe_decode.py [VARIANT ...]    (run.sh's environment, one GPU)
+
+Variants: plain (graphs), fused (q/k/v + gate/up fused, graphs), compiled (fused +
+torch.compile, graphs). For each: warm-up seconds, GPU time of one graph replay per
+bucket (CUDA events), the step time of the loop's own work (replay + batched sampler +
+one host sync), and the in-process Generator's tok/s for 1/16/64 prompts of 128 tokens
+with 128 new tokens — the "engine in-process" side of the served/in-process ratio.
+"""
+import os
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+import common  # noqa: E402
+
+import torch  # noqa: E402
+
+from mii_core.config import GenerateParamsConfig, ModelConfig  # noqa: E402
+from mii_core.interfaces import RankInfo  # noqa: E402
+from mii_engines.batch_state import StepPlan  # noqa: E402
+from mii_engines.generator import Generator  # noqa: E402
+from mii_engines.sampling import row_params, sample  # noqa: E402
+from mii_engines.static_state import make_state  # noqa: E402
+from mii_engines.transformers_engine import TransformersEngine  # noqa: E402
+
+DEVICE = "cpu" if common.TINY else "cuda:0"
+MAX_ROWS = 8 if common.TINY else 64
+MAX_LEN = 64 if common.TINY else 512
+
+
+def load():
+    rank = RankInfo(replica=0, rank=0, world_size=1, local_rank=0, device=DEVICE, dist_port=0)
+    loaded = TransformersEngine().load(ModelConfig(model_name_or_path=common.MODEL_DIR,
+                                                   max_length=MAX_LEN), rank)
+    return loaded
+
+
+def sync():
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def replay_ms(state, bucket, n=50):
+    if not state.use_graphs:
+        return None
+    graph, _ = state._graph(bucket)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        graph.replay()
+    end.record()
+    sync()
+    return round(start.elapsed_time(end) / n, 3)
+
+
+def loop_ms(state, loaded, rows, steps=min(64, MAX_LEN - common.P - 1)):
+    """Prefill `rows` prompts, then decode steps as the loop does them (sample + tolist)."""
+    prompts = [[(7 * r + i) % 1000 + 10 for i in range(common.P)] for r in range(rows)]
+    decoded, prefilled = state.apply(StepPlan(prefill=prompts))
+    params = row_params([GenerateParamsConfig(do_sample=False)] * rows, prefilled.shape[-1],
+                        prefilled.device)
+    tokens = sample(prefilled, params).tolist()
+    sync()
+    started = time.perf_counter()
+    for _ in range(steps):
+        decoded, _ = state.apply(StepPlan(decode=tokens))
+        tokens = sample(decoded, params).tolist()
+    elapsed = (time.perf_counter() - started) / steps * 1e3
+    state.apply(StepPlan(keep=[]))
+    return round(elapsed, 3)
+
+
+def generator_tok_s(loaded, state, n):
+    gen = Generator(loaded, replica=0, max_batch_size=MAX_ROWS, max_queue_size=256, state=state)
+    thread = threading.Thread(target=gen.run, daemon=True)
+    thread.start()
+    try:
+        params = GenerateParamsConfig(do_sample=False, max_new_tokens=common.G, ignore_eos=True)
+        done, lock, left = threading.Event(), threading.Lock(), [n]
+
+        def sink(event):
+            if event.finish_reason:
+                with lock:
+                    left[0] -= 1
+                    if left[0] == 0:
+                        done.set()
+
+        texts = common.prompts(n, seed=100 + n)
+        started = time.perf_counter()
+        for text in texts:  # n separate requests, as concurrent clients send them
+            gen.submit([text], params, sink)
+        assert done.wait(300), "generation did not finish"
+        wall = time.perf_counter() - started
+        return round(n * common.G / wall, 1)
+    finally:
+        gen.stop()
+        thread.join(timeout=30)
+
+
+def probe(variant):
+    if DEVICE.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    loaded = load()
+    if variant == "plain":
+        from mii_engines.static_state import StaticBatchState
+
+        state = StaticBatchState(loaded.model, loaded.device, MAX_ROWS, MAX_LEN)
+    else:
+        state = make_state(loaded, "static", MAX_ROWS, True, 1,
+                           compile_decode=(variant == "compiled"))
+    warm = state.warm_up()
+    result = dict(phase="P_probe", variant=variant, warm_up_s=round(warm, 1))
+    for rows in (1, 16, 64):
+        if rows > MAX_ROWS:
+            continue
+        with torch.inference_mode():
+            result[f"replay_ms_bs{rows}"] = replay_ms(state, state._bucket(rows))
+            result[f"loop_ms_bs{rows}"] = loop_ms(state, loaded, rows)
+    for n in (1, 16, 64):
+        if n <= MAX_ROWS:
+            generator_tok_s(loaded, state, min(n, 4))  # warm the path
+            result[f"inprocess_tok_s_bs{n}"] = generator_tok_s(loaded, state, n)
+    if DEVICE.startswith("cuda"):
+        result["max_allocated_mib"] = torch.cuda.max_memory_allocated() // 2**20
+    common.log(**result)
+    del state, loaded
+    torch.cuda.empty_cache() if DEVICE.startswith("cuda") else None
+
+
+if __name__ == "__main__":
+    common.exit_on_sigterm()
+    for name in sys.argv[1:] or ("plain", "fused", "compiled"):
+        try:
+            probe(name)
+        except Exception as error:  # report and go on with the next variant
+            import traceback
+
+            traceback.print_exc()
+            common.log(phase="P_probe", variant=name, error=f"{type(error).__name__}: {error}"[:800])

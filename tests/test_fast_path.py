@@ -1,0 +1,148 @@
+"""The fast-path pieces on the tiny model: fused projections, the batched sampler,
+token-budgeted admission and the static state's warm-up. Real forward passes, no timings."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from mii_core.config import GenerateParamsConfig, ModelConfig
+from mii_core.interfaces import RankInfo
+from mii_engines import generator as generator_module
+from mii_engines.fusion import FusedLinear, LinearPart, fuse_projections
+from mii_engines.generator import Generator
+from mii_engines.sampling import row_params, sample
+from mii_engines.static_state import StaticBatchState, make_state
+from mii_engines.transformers_engine import TransformersEngine
+
+from test_generation import GREEDY, PROMPTS, Collector, run
+
+CPU = RankInfo(replica=0, rank=0, world_size=1, local_rank=0, device="cpu", dist_port=0)
+
+
+def _load(tiny_model):
+    return TransformersEngine().load(ModelConfig(model_name_or_path=tiny_model), CPU)
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_model):
+    return _load(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def fused(tiny_model):
+    loaded = _load(tiny_model)
+    assert fuse_projections(loaded.model) == 2 * loaded.model.config.num_hidden_layers
+    return loaded
+
+
+def _serve(loaded, state):
+    gen = Generator(loaded, replica=0, max_batch_size=4, max_queue_size=32, state=state)
+    thread = threading.Thread(target=gen.run, daemon=True)
+    thread.start()
+    return gen, thread
+
+
+def _stop(gen, thread):
+    gen.stop()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def test_fused_projections_give_the_same_logits(plain, fused):
+    ids = plain.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        expected = plain.model(**ids).logits
+        got = fused.model(**ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    layer = fused.model.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, LinearPart)
+    assert isinstance(layer.mlp._fused_gate_up, FusedLinear)
+    original = plain.model.model.layers[0].self_attn.k_proj.weight
+    torch.testing.assert_close(layer.self_attn.k_proj.weight, original)
+
+
+def test_a_part_called_out_of_order_still_projects_its_own_input(plain, fused):
+    attn, reference = fused.model.model.layers[0].self_attn, plain.model.model.layers[0].self_attn
+    x, y = torch.randn(2, 3, attn.q_proj.in_features), torch.randn(2, 3, attn.q_proj.in_features)
+    with torch.inference_mode():
+        attn.q_proj(x)
+        got_v = attn.v_proj(y)  # not the input the group just projected
+        got_k = attn.k_proj(x)
+        torch.testing.assert_close(got_v, reference.v_proj(y), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_k, reference.k_proj(x), rtol=1e-5, atol=1e-5)
+
+
+def test_make_state_fuses_and_static_greedy_matches_the_unfused_dynamic_path(tiny_model, plain):
+    loaded = _load(tiny_model)
+    state = make_state(loaded, "static", max_rows=4, cuda_graphs=True, world_size=1)
+    assert isinstance(loaded.model.model.layers[0].mlp.up_proj, LinearPart)
+    assert state.warm_up() >= 0 and state.rows == 0  # the warm-up row is gone again
+    fast, fast_thread = _serve(loaded, state)
+    reference, reference_thread = _serve(plain, None)
+    try:
+        assert run(fast, PROMPTS, **GREEDY).texts() == run(reference, PROMPTS, **GREEDY).texts()
+    finally:
+        _stop(fast, fast_thread)
+        _stop(reference, reference_thread)
+
+
+def test_prompts_beyond_the_prefill_budget_join_at_later_steps(plain, monkeypatch):
+    monkeypatch.setattr(generator_module, "PREFILL_TOKENS_PER_STEP", 6)
+    state = StaticBatchState(plain.model, plain.device, max_rows=4, max_len=160)
+    staggered, thread = _serve(plain, state)
+    steps = []
+    original = state.apply
+    state.apply = lambda plan: steps.append(len(plan.prefill or [])) or original(plan)
+    try:
+        got = run(staggered, PROMPTS, **GREEDY).texts()
+    finally:
+        _stop(staggered, thread)
+    assert max(steps) < len(PROMPTS) and sum(steps) == len(PROMPTS)  # joined over several steps
+    reference, reference_thread = _serve(plain, None)
+    try:
+        assert got == run(reference, PROMPTS, **GREEDY).texts()
+    finally:
+        _stop(reference, reference_thread)
+
+
+def _params(**kw):
+    return GenerateParamsConfig(**kw)
+
+
+def test_sampler_greedy_rows_take_the_argmax_and_bans_hold():
+    logits = torch.randn(3, 50)
+    rows = row_params([_params(do_sample=False)] * 3, 50, logits.device)
+    assert sample(logits, rows).tolist() == logits.argmax(-1).tolist()
+    top = logits.argmax(-1)
+    banned = sample(logits, rows, banned=[int(top[0]), None, None])
+    assert banned[0] != top[0] and banned[1:].tolist() == top[1:].tolist()
+
+
+def test_sampler_top_k_one_and_tiny_top_p_are_greedy_within_a_mixed_batch():
+    logits = torch.randn(4, 50)
+    params = [_params(do_sample=True, top_k=1), _params(do_sample=False),
+              _params(do_sample=True, top_p=1e-6), _params(do_sample=True, top_k=3)]
+    rows = row_params(params, 50, logits.device)
+    for _ in range(20):
+        got = sample(logits, rows)
+        assert got[:3].tolist() == logits.argmax(-1)[:3].tolist()
+        assert int(got[3]) in torch.topk(logits[3], 3).indices.tolist()
+
+
+def test_sampler_draws_follow_the_tempered_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    rows = row_params([_params(do_sample=True, top_p=1.0, temperature=2.0)], 4, logits.device)
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample(logits, rows, generator=generator) for _ in range(8000)])
+    freq = torch.bincount(draws[:, 0], minlength=4).float() / len(draws)
+    torch.testing.assert_close(freq, torch.softmax(logits[0] / 2.0, -1), atol=0.02, rtol=0)
+
+
+def test_sampler_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    rows = row_params([_params(do_sample=True, top_p=0.7)], 4, logits.device)
+    generator = torch.Generator().manual_seed(1)
+    seen = {int(sample(logits, rows, generator=generator)) for _ in range(400)}
+    assert seen == {0, 1}
