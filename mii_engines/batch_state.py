@@ -21,7 +21,7 @@ class StepPlan:
     """What every rank does in one step; rank 0 builds it and broadcasts it."""
 
     keep: Optional[List[int]] = None  # rows to keep (None: keep all)
-    decode: Optional[List[int]] = None  # one input token per kept row
+    decode: Optional[Any] = None  # one input token per kept row (list, or a device tensor)
     prefill: Optional[List[List[int]]] = None  # prompts of rows joining after the kept ones
     shutdown: bool = False
 
@@ -40,7 +40,8 @@ class BatchState:
         self.device = device
         self.cache_arg = _cache_argument(model)
         config = getattr(model, "config", None)
-        self.bool_mask = getattr(config, "_attn_implementation", "sdpa") == "sdpa"
+        # SDPA-style implementations take a boolean mask (ours is one, see attention.py).
+        self.bool_mask = getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "mii_sdpa")
         self.dtype = next(model.parameters()).dtype
         self.cache: Optional[DynamicCache] = None
         self.mask: Optional[torch.Tensor] = None  # [rows, columns] of 0/1
@@ -55,7 +56,7 @@ class BatchState:
         """Run ``plan``; return last-position logits of decoded rows and of prefilled rows."""
         if plan.keep is not None:
             self._select(plan.keep)
-        decoded = self._decode(plan.decode) if plan.decode else None
+        decoded = self._decode(plan.decode) if plan.decode is not None else None
         prefilled = self._prefill(plan.prefill) if plan.prefill else None
         return decoded, prefilled
 

@@ -56,6 +56,7 @@ class _Row:
     first_token_at: Optional[float] = None
     last_token_at: Optional[float] = None
     last: Optional[int] = None
+    launched: int = 0  # forwards that produced a token for this row (some maybe unread)
     finish: Optional[str] = None
 
     @property
@@ -83,7 +84,7 @@ class Generator:
                  on_finished: Optional[Callable[[RequestInfo, str], None]] = None,
                  on_started: Optional[Callable[[RequestInfo], None]] = None,
                  sync_debug: bool = False, profile_model_time: bool = False,
-                 state: Optional[Any] = None) -> None:
+                 state: Optional[Any] = None, pipelined: Optional[bool] = None) -> None:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.replica = replica
@@ -100,6 +101,14 @@ class Generator:
         self._queue: Deque[_Request] = deque()
         self._rows: List[_Row] = []
         self._row_params: Optional[RowParams] = None  # of self._rows; rebuilt when they change
+        self.pipelined = (pipelined if pipelined is not None else broadcast is None
+                          and getattr(self.state, "takes_device_tokens", False)
+                          and loaded.device.type == "cuda")
+        self._inflight: Optional[tuple] = None  # (rows, host tokens) of the step last launched
+        self._device_tokens: Optional[torch.Tensor] = None
+        self._pinned: Optional[List[torch.Tensor]] = None
+        self._copied: List[Any] = []
+        self._flip = 0
         self._cond = threading.Condition()
         self._stopping = False
         self._ids = itertools.count(1)
@@ -232,22 +241,48 @@ class Generator:
                     None if params.ignore_eos else self.eos)
 
     def _step(self) -> None:
+        """Retire finished rows, admit queued ones, launch one forward, then read tokens.
+
+        Pipelined (one GPU, a state that takes device tokens), a step's sampled tokens
+        stay on the device as the next step's inputs and reach the host through a
+        pinned buffer while the next step already runs: the host work of step N (stop
+        checks, detokenizing, streaming) overlaps the forward of step N+1. A row that
+        finishes at step N thus computes one extra token at N+1, which is dropped.
+        """
+        kept, keep_arg = self._retire()
+        joining = self._admit()
+        previous, self._inflight = self._inflight, None
+        if kept or joining:
+            self._launch(kept, keep_arg, joining)
+        elif keep_arg is not None:
+            self._rows, self._device_tokens = [], None
+            self._apply(StepPlan(keep=keep_arg))
+        if previous is not None:
+            self._process(*previous)
+        if not self.pipelined and self._inflight is not None:
+            current, self._inflight = self._inflight, None
+            self._process(*current)
+
+    def _retire(self):
         keep = [i for i, row in enumerate(self._rows) if row.finish is None
                 and not row.request.cancelled]
         for row in self._rows:
             if row.finish is None and row.request.cancelled:
                 self._end(row, Finish.CANCELLED.value)
         keep_arg = None if len(keep) == len(self._rows) else keep
-        self._rows = [self._rows[i] for i in keep]
-        joining = self._admit()
-        if not self._rows and not joining:
+        return [self._rows[i] for i in keep], keep_arg
+
+    def _launch(self, kept: List[_Row], keep_arg: Optional[List[int]], joining: List[_Row]) -> None:
+        decode: Any = None
+        if kept and self.pipelined:
+            decode = self._device_tokens
             if keep_arg is not None:
-                self._apply(StepPlan(keep=keep_arg))
-            return
-        plan = StepPlan(keep=keep_arg,
-                        decode=[row.last for row in self._rows] or None,
+                decode = decode.index_select(0, torch.tensor(keep_arg, device=decode.device))
+        elif kept:
+            decode = [row.last for row in kept]
+        plan = StepPlan(keep=keep_arg, decode=decode,
                         prefill=[row.prompt for row in joining] or None)
-        self._rows += joining  # before the forward, so a failing step fails them too
+        self._rows = kept + joining  # before the forward, so a failing step fails them too
         if keep_arg is not None or joining:
             self._row_params = None
         decoded, prefilled = self._apply(plan)
@@ -256,13 +291,40 @@ class Generator:
         if self._row_params is None:
             self._row_params = row_params([row.params for row in self._rows],
                                           logits.shape[-1], logits.device)
-        banned = [row.eos if len(row.text.ids) < row.params.min_new_tokens else None
+        banned = [row.eos if row.launched < row.params.min_new_tokens else None
                   for row in self._rows]
-        tokens = sample(logits, self._row_params, banned).tolist()  # the step's one sync
-        now = time.time()
-        for row, token in zip(self._rows, tokens):
-            self._advance(row, token, now)
+        for row in self._rows:
+            row.launched += 1
+        tokens = sample(logits, self._row_params, banned)
+        self._device_tokens = tokens
+        self._inflight = (list(self._rows), self._to_host(tokens))
         self.counters["steps"] += 1
+
+    def _to_host(self, tokens: torch.Tensor) -> Any:
+        if not self.pipelined:
+            return tokens.tolist()  # the step's one synchronisation
+        if self._pinned is None:
+            pin = tokens.device.type == "cuda"
+            self._pinned = [torch.zeros(self.max_batch_size, dtype=torch.long, pin_memory=pin)
+                            for _ in range(2)]
+            self._copied = [torch.cuda.Event() if pin else None for _ in range(2)]
+        self._flip ^= 1  # two buffers: the previous step's is still being read
+        buffer, event = self._pinned[self._flip][:len(tokens)], self._copied[self._flip]
+        buffer.copy_(tokens, non_blocking=True)
+        if event is not None:
+            event.record()
+        return buffer, event
+
+    def _process(self, rows: List[_Row], host: Any) -> None:
+        if isinstance(host, tuple):
+            buffer, event = host
+            if event is not None:
+                event.synchronize()
+            host = buffer.tolist()
+        now = time.time()
+        for row, token in zip(rows, host):
+            if row.finish is None:  # finished or cancelled while this step ran: drop it
+                self._advance(row, token, now)
 
     def _apply(self, plan: StepPlan):
         if self.broadcast:

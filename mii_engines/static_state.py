@@ -3,9 +3,9 @@
 Same contract as :class:`mii_engines.batch_state.BatchState` (``apply(plan)``), so the
 batching loop does not care which one runs. Differences:
 
-- Every row owns a slot of a preallocated [rows, kv_heads, max_len + 1, head_dim]
-  buffer per layer; its tokens start at column 0, so positions equal columns. The
-  last column is scratch: prefill padding is written there and never attended to.
+- Every row owns a slot of a preallocated [rows, kv_heads, slot_width, head_dim]
+  buffer per layer; its tokens start at column 0, so positions equal columns. Columns
+  from max_len on are scratch: prefill padding is written there and never attended to.
 - A decode step writes each row's new key/value at that row's own column (an
   ``index_put_`` with device tensors) and attends over the whole slot with a mask built
   on the device from the rows' lengths. Shapes depend only on the number of rows, so
@@ -19,13 +19,19 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
 from mii_engines.batch_state import BatchState, StepPlan, left_padded
 
 log = logging.getLogger(__name__)
+
+
+def slot_width(max_len: int) -> int:
+    """Columns per slot: max_len plus a scratch column, rounded up to a multiple of 16
+    (SDPA's memory-efficient kernel wants the mask's row stride aligned)."""
+    return (max_len + 1 + 15) // 16 * 16
 
 
 class SlotCache:
@@ -48,7 +54,7 @@ class SlotCache:
 
     def _allocate(self, like: torch.Tensor) -> None:
         _, heads, _, dim = like.shape
-        shape = (self.max_rows, heads, self.max_len + 1, dim)
+        shape = (self.max_rows, heads, slot_width(self.max_len), dim)
         self.keys.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
         self.values.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
 
@@ -73,6 +79,8 @@ class SlotCache:
 class StaticBatchState:
     """Running rows in fixed slots; decode steps replayed from CUDA graphs on GPUs."""
 
+    takes_device_tokens = True  # decode inputs may be the previous step's device tensor
+
     def __init__(self, model: Any, device: torch.device, max_rows: int, max_len: int,
                  cuda_graphs: bool = True, compile_decode: bool = False) -> None:
         self.model = model
@@ -90,8 +98,9 @@ class StaticBatchState:
         self.staging = torch.zeros((2, max_rows), dtype=torch.long, pin_memory=pin)
         self._staged = torch.cuda.Event() if pin else None
         self.cache = SlotCache(max_rows, max_len, self.inputs[1])
-        self.columns = torch.arange(max_len + 1, device=device)
+        self.columns = torch.arange(slot_width(max_len), device=device)
         self._forward = self._decode_forward
+        self.compiled = compile_decode
         if compile_decode:
             self._forward = torch.compile(self._decode_forward, dynamic=True)
 
@@ -104,19 +113,27 @@ class StaticBatchState:
     apply = BatchState.apply
 
     # -- decode ----------------------------------------------------------------------------
-    def _decode(self, tokens: List[int]) -> torch.Tensor:
+    def _decode(self, tokens: Union[List[int], torch.Tensor]) -> torch.Tensor:
+        """One step for every row; ``tokens`` may already be on the device (pipelined loop)."""
         rows = len(tokens)
         assert rows == self.rows, "decode rows mismatch"
-        if max(self.lengths) >= self.max_len:
-            raise RuntimeError(f"a row reached the static cache length {self.max_len}")
+        # A row may write column max_len (scratch) in the one extra step a pipelined
+        # loop runs after it finished; a live row never gets there (its budget ends first).
+        if max(self.lengths) > self.max_len:
+            raise RuntimeError(f"a row ran past the static cache length {self.max_len}")
         bucket = self._bucket(rows) if self.use_graphs else rows
         if self._staged is not None:  # the previous copy out of staging has finished
             self._staged.synchronize()
+        on_device = isinstance(tokens, torch.Tensor)
         self.staging[:, :bucket].zero_()  # rows past `rows` write column 0 of free slots
-        self.staging[:, :rows] = torch.tensor([tokens, self.lengths], dtype=torch.long)
+        self.staging[1, :rows] = torch.tensor(self.lengths, dtype=torch.long)
+        if not on_device:
+            self.staging[0, :rows] = torch.tensor(tokens, dtype=torch.long)
         self.inputs[:, :bucket].copy_(self.staging[:, :bucket], non_blocking=True)
         if self._staged is not None:
             self._staged.record()
+        if on_device:  # queued after the staging copy, so it wins
+            self.inputs[0, :rows].copy_(tokens)
         if self.use_graphs:
             graph, output = self._graph(bucket)
             graph.replay()
@@ -137,8 +154,12 @@ class StaticBatchState:
         return out.logits[:, -1, :]
 
     def buckets(self) -> List[int]:
-        """Row counts that get their own CUDA graph: powers of two, then max_rows."""
-        sizes, size = [], 1
+        """Row counts that get their own CUDA graph: powers of two, then max_rows.
+
+        A compiled step starts at 2: torch.compile specializes size-1 dimensions, so a
+        bucket of 1 would cost a second compilation for no measurable gain.
+        """
+        sizes, size = [], 2 if self.compiled and self.max_rows > 1 else 1
         while size < self.max_rows:
             sizes.append(size)
             size *= 2
@@ -218,6 +239,9 @@ def make_state(loaded: Any, kv_cache: str, max_rows: int, cuda_graphs: bool,
     """The batch state the configuration asks for (same on every rank of a replica)."""
     if kv_cache == "static":
         single = world_size == 1
+        from mii_engines.attention import use_grouped_decode_attention
+
+        use_grouped_decode_attention(loaded.model)
         if single:  # sharded (AutoTP) layers are not plain nn.Linear; fusing is for tp=1
             from mii_engines.fusion import fuse_projections
 

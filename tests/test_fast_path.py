@@ -146,3 +146,38 @@ def test_sampler_top_p_keeps_the_smallest_set_reaching_p():
     generator = torch.Generator().manual_seed(1)
     seen = {int(sample(logits, rows, generator=generator)) for _ in range(400)}
     assert seen == {0, 1}
+
+
+def test_grouped_decode_attention_equals_repeated_keys():
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from mii_engines.attention import grouped_decode_attention
+
+    torch.manual_seed(0)
+    query, key, value = torch.randn(3, 8, 1, 16), torch.randn(3, 2, 20, 16), torch.randn(3, 2, 20, 16)
+    mask = (torch.arange(20)[None, :] <= torch.tensor([4, 19, 11])[:, None])[:, None, None, :]
+    got, _ = grouped_decode_attention(torch.nn.Module(), query, key, value, mask, scaling=0.25)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, repeat_kv(key, 4), repeat_kv(value, 4), attn_mask=mask, scale=0.25)
+    torch.testing.assert_close(got, expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_pipelined_cancellation_frees_the_slot(plain):
+    state = StaticBatchState(plain.model, plain.device, max_rows=1, max_len=512)
+    gen = Generator(plain, replica=0, max_batch_size=1, max_queue_size=4, state=state,
+                    pipelined=True)
+    thread = threading.Thread(target=gen.run, daemon=True)
+    thread.start()
+    try:
+        blocker = Collector(1)
+        handle = gen.submit([PROMPTS[0]], GenerateParamsConfig(max_new_tokens=400,
+                                                               ignore_eos=True), blocker)
+        waiting = Collector(1)
+        gen.submit([PROMPTS[1]], GenerateParamsConfig(**GREEDY), waiting)
+        assert not waiting.done.wait(0.2)  # the only slot is taken
+        handle.cancel()
+        assert blocker.done.wait(10) and blocker.final(0).finish_reason == "cancelled"
+        assert waiting.done.wait(30) and waiting.final(0).finish_reason == "length"
+        assert waiting.final(0).token_count == GREEDY["max_new_tokens"]
+    finally:
+        _stop(gen, thread)

@@ -48,9 +48,18 @@ class Collector:
         return [e for e in self.events if e.index == index and e.finish_reason][-1]
 
 
-@pytest.fixture
-def generator(loaded):
-    gen = Generator(loaded, replica=0, max_batch_size=8, max_queue_size=16)
+@pytest.fixture(params=["dynamic", "static-pipelined"])
+def generator(loaded, request):
+    """The loop as it runs by default, and as it runs on a GPU with kv_cache="static"
+    (slot cache, device-resident tokens, host work one step behind the forward)."""
+    state = None
+    if request.param == "static-pipelined":
+        from mii_engines.static_state import StaticBatchState
+
+        state = StaticBatchState(loaded.model, loaded.device, max_rows=8,
+                                 max_len=min(loaded.context_length, 512))
+    gen = Generator(loaded, replica=0, max_batch_size=8, max_queue_size=16, state=state,
+                    pipelined=state is not None)
     thread = threading.Thread(target=gen.run, daemon=True)
     thread.start()
     yield gen

@@ -100,6 +100,24 @@ def generator_tok_s(loaded, state, n):
         thread.join(timeout=30)
 
 
+def profile_replays(state, variant):
+    """Top kernels of 20 replays of the smallest and the largest bucket -> $OUT/profile_*.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    lines = []
+    for bucket in (state.buckets()[0], state.buckets()[-1]):
+        graph, _ = state._graph(bucket)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                graph.replay()
+            sync()
+        lines.append(f"== {variant} bucket {bucket}: 20 replays")
+        lines.append(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
+                                               max_name_column_width=90))
+    with open(os.path.join(common.OUT, f"profile_{variant}.txt"), "w") as handle:
+        handle.write("\n".join(lines))
+
+
 def probe(variant):
     if DEVICE.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -123,6 +141,8 @@ def probe(variant):
         if n <= MAX_ROWS:
             generator_tok_s(loaded, state, min(n, 4))  # warm the path
             result[f"inprocess_tok_s_bs{n}"] = generator_tok_s(loaded, state, n)
+    if state.use_graphs and os.environ.get("PROBE_PROFILE", "1") == "1":
+        profile_replays(state, variant)
     if DEVICE.startswith("cuda"):
         result["max_allocated_mib"] = torch.cuda.max_memory_allocated() // 2**20
     common.log(**result)
