@@ -2,18 +2,22 @@
 
 With one query token per row, the query heads that share a key/value head can stand
 as that head's query *positions*: [rows, kv_heads, group, dim] against keys
-[rows, kv_heads, length, dim] is plain multi-head attention, which SDPA's fused
-kernels run with the row's mask broadcast. Transformers instead repeats every key
-and value ``group`` times (``repeat_kv``) whenever a mask is given, which at 64 rows
-of a 512-token slot cache copies ~0.5 GB per step for a 1B Llama. Prompts (more than
-one query token) take transformers' own SDPA path.
+[rows, kv_heads, length, dim] is plain multi-head attention with the row's mask
+broadcast. Transformers instead repeats every key and value ``group`` times
+(``repeat_kv``) whenever a mask is given, which at 64 rows of a 512-token slot cache
+copies ~0.5 GB per step for a 1B Llama.
+
+The product is two batched GEMMs and a softmax (float32), not SDPA's fused kernel:
+with 4 queries per head, the memory-efficient kernel runs one thread block per row
+and head and took 34 us per layer at batch 1 and 53 us at batch 64 on an H100
+(30-39 % of a compiled decode step), while batched GEMMs spread the keys over the
+whole GPU. Prompts (more than one query token) take transformers' own SDPA path.
 """
 from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
 import torch
-from torch.nn import functional as F
 
 NAME = "mii_sdpa"
 
@@ -32,8 +36,13 @@ def grouped_decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     grouped = query.reshape(rows, kv_heads, heads // kv_heads, dim)
-    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
-                                         scale=scaling)
+    scale = scaling if scaling is not None else dim ** -0.5
+    scores = torch.matmul(grouped, key.transpose(2, 3)).float() * scale
+    if attention_mask is not None:
+        scores = (scores.masked_fill(~attention_mask, float("-inf"))
+                  if attention_mask.dtype == torch.bool else scores + attention_mask)
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    out = torch.matmul(probs, value)
     return out.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
 
 

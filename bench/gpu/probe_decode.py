@@ -59,7 +59,11 @@ def replay_ms(state, bucket, n=50):
 def loop_ms(state, loaded, rows, steps=min(64, MAX_LEN - common.P - 1)):
     """Prefill `rows` prompts, then decode steps as the loop does them (sample + tolist)."""
     prompts = [[(7 * r + i) % 1000 + 10 for i in range(common.P)] for r in range(rows)]
+    sync()
+    started = time.perf_counter()
     decoded, prefilled = state.apply(StepPlan(prefill=prompts))
+    sync()
+    prefill_ms = (time.perf_counter() - started) * 1e3
     params = row_params([GenerateParamsConfig(do_sample=False)] * rows, prefilled.shape[-1],
                         prefilled.device)
     tokens = sample(prefilled, params).tolist()
@@ -70,7 +74,7 @@ def loop_ms(state, loaded, rows, steps=min(64, MAX_LEN - common.P - 1)):
         tokens = sample(decoded, params).tolist()
     elapsed = (time.perf_counter() - started) / steps * 1e3
     state.apply(StepPlan(keep=[]))
-    return round(elapsed, 3)
+    return round(elapsed, 3), round(prefill_ms, 2)
 
 
 def generator_tok_s(loaded, state, n):
@@ -136,7 +140,8 @@ def probe(variant):
             continue
         with torch.inference_mode():
             result[f"replay_ms_bs{rows}"] = replay_ms(state, state._bucket(rows))
-            result[f"loop_ms_bs{rows}"] = loop_ms(state, loaded, rows)
+            result[f"loop_ms_bs{rows}"], result[f"prefill_ms_bs{rows}"] = loop_ms(
+                state, loaded, rows)
     for n in (1, 16, 64):
         if n <= MAX_ROWS:
             generator_tok_s(loaded, state, min(n, 4))  # warm the path
