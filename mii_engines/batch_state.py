@@ -16,6 +16,11 @@ import torch
 from transformers import DynamicCache
 
 
+# Prompt tokens admitted per step (a longer single prompt still joins alone): bounds how
+# long one prefill stalls the rows that are decoding.
+PREFILL_TOKENS_PER_STEP = 8192
+
+
 @dataclass
 class StepPlan:
     """What every rank does in one step; rank 0 builds it and broadcasts it."""

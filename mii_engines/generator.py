@@ -22,16 +22,13 @@ from mii_core.config import GenerateParamsConfig
 from mii_core.constants import GenerationFinishReason as Finish
 from mii_core.errors import DeploymentUnavailable, InvalidGenerateParams, ServerOverloaded
 from mii_core.interfaces import LoadedModel, RequestInfo, TokenEvent
-from mii_engines.batch_state import BatchState, StepPlan
+from mii_engines.batch_state import PREFILL_TOKENS_PER_STEP, BatchState, StepPlan
 from mii_engines.detokenize import TextStream
 from mii_engines.metrics import ServingMetrics
 from mii_engines.sampling import RowParams, row_params, sample
 
 log = logging.getLogger(__name__)
 IDLE_HEARTBEAT_S = 5.0  # followers of a TP replica hear from rank 0 at least this often
-# Prompt tokens admitted per step (a longer single prompt still joins alone): bounds how
-# long one prefill stalls the rows that are decoding.
-PREFILL_TOKENS_PER_STEP = 8192
 
 
 @dataclass

@@ -23,7 +23,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from mii_engines.batch_state import BatchState, StepPlan, left_padded
+from mii_engines.batch_state import PREFILL_TOKENS_PER_STEP, BatchState, StepPlan, left_padded
+from mii_engines.prefill_graphs import PrefillGraphs
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,9 @@ class SlotCache:
 
     is_compileable = False
 
-    def __init__(self, max_rows: int, max_len: int, write_pos: torch.Tensor) -> None:
-        self.max_rows, self.max_len = max_rows, max_len
+    def __init__(self, max_rows: int, max_len: int, write_pos: torch.Tensor,
+                 layers: int = 1) -> None:
+        self.max_rows, self.max_len, self.layers = max_rows, max_len, layers
         self.keys: List[torch.Tensor] = []
         self.values: List[torch.Tensor] = []
         self.write_pos = write_pos  # [max_rows] column each row writes during decode
@@ -55,8 +57,22 @@ class SlotCache:
     def _allocate(self, like: torch.Tensor) -> None:
         _, heads, _, dim = like.shape
         shape = (self.max_rows, heads, slot_width(self.max_len), dim)
+        if not self.keys and like.device.type == "cuda":
+            self._check_fits(shape, like)
         self.keys.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
         self.values.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
+
+    def _check_fits(self, shape: Tuple[int, ...], like: torch.Tensor) -> None:
+        """Refuse, naming the settings, a cache that cannot fit (instead of an OOM later)."""
+        per_layer = 2 * like.element_size() * shape[0] * shape[1] * shape[2] * shape[3]
+        needed = per_layer * self.layers
+        free, _ = torch.cuda.mem_get_info(like.device)
+        if needed > 0.9 * free:
+            raise RuntimeError(
+                f"kv_cache='static' needs {needed / 2**30:.1f} GiB for max_batch_size="
+                f"{self.max_rows} x max_length={self.max_len} over {self.layers} layers, but "
+                f"{free / 2**30:.1f} GiB are free on {like.device}: lower max_length or "
+                "max_batch_size, or use kv_cache='dynamic'")
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +98,8 @@ class StaticBatchState:
     takes_device_tokens = True  # decode inputs may be the previous step's device tensor
 
     def __init__(self, model: Any, device: torch.device, max_rows: int, max_len: int,
-                 cuda_graphs: bool = True, compile_decode: bool = False) -> None:
+                 cuda_graphs: bool = True, compile_decode: bool = False,
+                 bucketed_prefill: bool = False) -> None:
         self.model = model
         self.device = device
         self.max_rows = max_rows
@@ -97,8 +114,12 @@ class StaticBatchState:
         pin = device.type == "cuda"
         self.staging = torch.zeros((2, max_rows), dtype=torch.long, pin_memory=pin)
         self._staged = torch.cuda.Event() if pin else None
-        self.cache = SlotCache(max_rows, max_len, self.inputs[1])
+        layers = getattr(getattr(model, "config", None), "num_hidden_layers", 1)
+        self.cache = SlotCache(max_rows, max_len, self.inputs[1], layers)
         self.columns = torch.arange(slot_width(max_len), device=device)
+        self.prefill_graphs: Optional[PrefillGraphs] = None
+        if self.use_graphs or bucketed_prefill:
+            self.prefill_graphs = PrefillGraphs(self, PREFILL_TOKENS_PER_STEP)
         self._forward = self._decode_forward
         self.compiled = compile_decode
         if compile_decode:
@@ -195,6 +216,8 @@ class StaticBatchState:
             if self.use_graphs:
                 for bucket in sorted(self.buckets(), reverse=True):  # largest first: pool reuse
                     self._graph(bucket)
+                # A pool of their own: no reasoning about which outputs may alias.
+                self.prefill_graphs.capture_all(torch.cuda.graph_pool_handle())
             else:
                 self._forward(1)
             self._select([])
@@ -209,6 +232,11 @@ class StaticBatchState:
             raise RuntimeError(f"more than {self.max_rows} rows for the static cache")
         if max(lengths) >= self.max_len:
             raise RuntimeError(f"a prompt reaches the static cache length {self.max_len}")
+        if self.prefill_graphs is not None:
+            logits = self.prefill_graphs.run(prompts, replay=self.use_graphs)
+            if logits is not None:
+                self.lengths += lengths
+                return logits
         ids, _, positions, allowed = left_padded(prompts, self.device)
         width = ids.shape[1]
         pad = torch.tensor([width - n for n in lengths], device=self.device)

@@ -181,3 +181,26 @@ def test_pipelined_cancellation_frees_the_slot(plain):
         assert waiting.final(0).token_count == GREEDY["max_new_tokens"]
     finally:
         _stop(gen, thread)
+
+
+def test_bucketed_prefill_fills_the_same_slots_as_the_eager_prefill(plain):
+    from mii_engines.batch_state import StepPlan
+
+    prompts = [plain.tokenizer(p)["input_ids"] for p in PROMPTS]
+    eager = StaticBatchState(plain.model, plain.device, max_rows=8, max_len=64)
+    bucketed = StaticBatchState(plain.model, plain.device, max_rows=8, max_len=64,
+                                bucketed_prefill=True)
+    with torch.inference_mode():
+        for state in (eager, bucketed):  # one row first, so the batch lands at slot 1
+            state.apply(StepPlan(prefill=prompts[:1]))
+        _, expected = eager.apply(StepPlan(prefill=prompts[1:]))
+        _, got = bucketed.apply(StepPlan(prefill=prompts[1:]))
+    assert bucketed.prefill_graphs.bucket(3, max(len(p) for p in prompts)) == (4, 16)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert bucketed.lengths == eager.lengths == [len(p) for p in prompts]
+    for layer in range(len(eager.cache.keys)):
+        for slot, length in enumerate(eager.lengths):  # what decode steps will read
+            torch.testing.assert_close(bucketed.cache.keys[layer][slot, :, :length],
+                                       eager.cache.keys[layer][slot, :, :length])
+            torch.testing.assert_close(bucketed.cache.values[layer][slot, :, :length],
+                                       eager.cache.values[layer][slot, :, :length])

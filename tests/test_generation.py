@@ -57,7 +57,7 @@ def generator(loaded, request):
         from mii_engines.static_state import StaticBatchState
 
         state = StaticBatchState(loaded.model, loaded.device, max_rows=8,
-                                 max_len=min(loaded.context_length, 512))
+                                 max_len=min(loaded.context_length, 512), bucketed_prefill=True)
     gen = Generator(loaded, replica=0, max_batch_size=8, max_queue_size=16, state=state,
                     pipelined=state is not None)
     thread = threading.Thread(target=gen.run, daemon=True)

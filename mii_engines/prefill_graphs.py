@@ -1,0 +1,123 @@
+"""CUDA graphs for prefills into the slot cache, one per (rows, width) bucket.
+
+An eager forward of a 16-layer Hugging Face model costs ~20 ms of Python and kernel
+launches whatever its size, so a single 128-token prompt took as long to prefill as
+13 decode steps. Prompts are left-padded to a width bucket (16, 32, ... max_len) and
+the batch to a row bucket (1, 2, 4, ...), within the per-step prompt-token budget;
+each pair is captured once and replayed. Everything that depends on the prompts is
+computed inside the graph from three small inputs: the padded ids, each row's length,
+and the first slot. Padding rows (length 0) write only the scratch column of a slot.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _powers_of_two(start: int, limit: int) -> List[int]:
+    sizes, size = [], start
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    return sizes + [limit]
+
+
+class PrefillGraphs:
+    """Captured prefills of a :class:`StaticBatchState` (CUDA only)."""
+
+    def __init__(self, state: Any, token_budget: int, min_width: int = 16) -> None:
+        self.state = state
+        self.token_budget = token_budget
+        # Longer prompts (rare, and compute-bound anyway) are prefilled eagerly.
+        widest = min(state.max_len, token_budget)
+        self.widths = _powers_of_two(min_width, widest) if widest > min_width else [widest]
+        self.row_buckets = _powers_of_two(1, state.max_rows)
+        self.graphs: Dict[Tuple[int, int], Tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        device, rows, width = state.device, state.max_rows, self.widths[-1]
+        self.ids = torch.zeros((rows, width), dtype=torch.long, device=device)
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        self.start = torch.zeros(1, dtype=torch.long, device=device)
+        cuda = device.type == "cuda"
+        self.staging = torch.zeros((rows + 1, width + 1), dtype=torch.long, pin_memory=cuda)
+        self._staged = torch.cuda.Event() if cuda else None
+
+    def shapes(self) -> List[Tuple[int, int]]:
+        """Every (rows, width) bucket that gets a graph."""
+        return [(rows, width) for width in self.widths for rows in self.row_buckets
+                if rows == 1 or rows * width <= self.token_budget]
+
+    def bucket(self, rows: int, width: int) -> Optional[Tuple[int, int]]:
+        """The smallest captured shape holding ``rows`` prompts of up to ``width`` tokens."""
+        fits = [(r, w) for r, w in self.shapes() if r >= rows and w >= width]
+        return min(fits, key=lambda shape: shape[0] * shape[1]) if fits else None
+
+    def _forward(self, rows: int, width: int) -> torch.Tensor:
+        state = self.state
+        lengths, device = self.lengths[:rows], state.device
+        column = torch.arange(width, device=device)
+        pad = width - lengths[:, None]  # [rows, 1]
+        valid = column[None, :] >= pad  # [rows, width]: key columns holding prompt tokens
+        causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
+        allowed = (causal[None] & valid[:, None, :]) | torch.eye(width, dtype=torch.bool,
+                                                                  device=device)[None]
+        positions = (column[None, :] - pad).clamp(min=0)
+        columns = torch.where(valid, column[None, :] - pad, state.max_len)  # padding -> scratch
+        slots = (self.start + torch.arange(rows, device=device)).clamp(max=state.max_rows - 1)
+        state.cache.prefill_to = (slots[:, None], columns)
+        try:
+            return state.eager._forward(self.ids[:rows, -width:], allowed[:, None], positions,
+                                        state.cache)
+        finally:
+            state.cache.prefill_to = None
+
+    def capture_all(self, pool: Any) -> int:
+        """Capture every bucket, largest first (so smaller ones reuse its pool memory)."""
+        for rows, width in sorted(self.shapes(), key=lambda s: -s[0] * s[1]):
+            self._capture(rows, width, pool)
+        log.info("captured %d prefill graphs (rows x width buckets)", len(self.graphs))
+        return len(self.graphs)
+
+    def _capture(self, rows: int, width: int, pool: Any) -> None:
+        self.lengths.zero_()  # all padding rows: writes go to scratch columns only
+        stream = torch.cuda.Stream(self.state.device)
+        stream.wait_stream(torch.cuda.current_stream(self.state.device))
+        with torch.cuda.stream(stream):
+            self._forward(rows, width)
+        torch.cuda.current_stream(self.state.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            output = self._forward(rows, width)
+        self.graphs[(rows, width)] = (graph, output)
+
+    def run(self, prompts: List[List[int]], replay: bool = True) -> Optional[torch.Tensor]:
+        """Logits of the prompts' last tokens, or None when no captured shape fits.
+
+        ``replay=False`` runs the same bucketed forward eagerly (how CPU tests check it).
+        """
+        shape = self.bucket(len(prompts), max(len(p) for p in prompts))
+        if shape is None or (replay and shape not in self.graphs):
+            return None
+        rows, width = shape
+        full = self.ids.shape[1]
+        if self._staged is not None:  # the previous copy out of staging has finished
+            self._staged.synchronize()
+        staging = self.staging
+        staging[:rows + 1].zero_()
+        for row, prompt in enumerate(prompts):  # right-aligned: left padding
+            staging[row, full - len(prompt):full] = torch.tensor(prompt, dtype=torch.long)
+            staging[row, full] = len(prompt)
+        staging[rows, 0] = self.state.rows
+        self.ids[:rows].copy_(staging[:rows, :full], non_blocking=True)
+        self.lengths[:rows].copy_(staging[:rows, full], non_blocking=True)
+        self.start.copy_(staging[rows, :1], non_blocking=True)
+        if self._staged is not None:
+            self._staged.record()
+        if not replay:
+            return self._forward(rows, width)[:len(prompts)]
+        graph, output = self.graphs[shape]
+        graph.replay()
+        return output[:len(prompts)]
