@@ -2,7 +2,7 @@
 
 An eager forward of a 16-layer Hugging Face model costs ~20 ms of Python and kernel
 launches whatever its size, so a single 128-token prompt took as long to prefill as
-13 decode steps. Prompts are left-padded to a width bucket (16, 32, ... max_len) and
+13 decode steps. Prompts are left-padded to a width bucket (16, 32, 64, 128, 192, ...) and
 the batch to a row bucket (1, 2, 4, ...), within the per-step prompt-token budget;
 each pair is captured once and replayed. Everything that depends on the prompts is
 computed inside the graph from three small inputs: the padded ids, each row's length,
@@ -26,6 +26,18 @@ def _powers_of_two(start: int, limit: int) -> List[int]:
     return sizes + [limit]
 
 
+def _widths(smallest: int, widest: int) -> List[int]:
+    """16, 32, 64, then steps of 64 up to 512 (padding wastes at most 64 tokens a row
+    where prompts usually are), then powers of two; always ending at ``widest``."""
+    sizes = [w for w in (16, 32, 64) if smallest <= w < widest]
+    sizes += [w for w in range(128, min(widest, 513), 64) if w < widest]
+    size = 1024
+    while size < widest:
+        sizes.append(size)
+        size *= 2
+    return sizes + [widest]
+
+
 class PrefillGraphs:
     """Captured prefills of a :class:`StaticBatchState` (CUDA only)."""
 
@@ -34,7 +46,7 @@ class PrefillGraphs:
         self.token_budget = token_budget
         # Longer prompts (rare, and compute-bound anyway) are prefilled eagerly.
         widest = min(state.max_len, token_budget)
-        self.widths = _powers_of_two(min_width, widest) if widest > min_width else [widest]
+        self.widths = _widths(min_width, widest)
         self.row_buckets = _powers_of_two(1, state.max_rows)
         self.graphs: Dict[Tuple[int, int], Tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         device, rows, width = state.device, state.max_rows, self.widths[-1]
@@ -47,8 +59,9 @@ class PrefillGraphs:
 
     def shapes(self) -> List[Tuple[int, int]]:
         """Every (rows, width) bucket that gets a graph."""
+        # Twice the budget: admitted prompts fit it, their padded bucket may not.
         return [(rows, width) for width in self.widths for rows in self.row_buckets
-                if rows == 1 or rows * width <= self.token_budget]
+                if rows == 1 or rows * width <= 2 * self.token_budget]
 
     def bucket(self, rows: int, width: int) -> Optional[Tuple[int, int]]:
         """The smallest captured shape holding ``rows`` prompts of up to ``width`` tokens."""

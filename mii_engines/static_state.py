@@ -8,9 +8,9 @@ batching loop does not care which one runs. Differences:
   from max_len on are scratch: prefill padding is written there and never attended to.
 - A decode step writes each row's new key/value at that row's own column (an
   ``index_put_`` with device tensors) and attends over the whole slot with a mask built
-  on the device from the rows' lengths. Shapes depend only on the number of rows, so
-  on CUDA each row-count bucket (1, 2, 4, ... max rows) is captured once as a CUDA graph
-  (optionally from a ``torch.compile``d step) and replayed: one launch per step.
+  on the device from the rows' lengths, over the first 128 * 2^k columns that hold the
+  longest row. On CUDA each (row-count bucket, width) pair is captured once as a CUDA
+  graph (optionally from a ``torch.compile``d step) and replayed: one launch per step.
 - Prompts are prefilled in one left-padded batch whose keys and values go straight
   into their slots (one scatter per layer), with no intermediate cache.
 - Rows that leave are compacted with one gather per layer.
@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from mii_engines.batch_state import PREFILL_TOKENS_PER_STEP, BatchState, StepPlan, left_padded
+from mii_engines.attention import NAME as DECODE_ATTENTION
 from mii_engines.prefill_graphs import PrefillGraphs
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class StaticBatchState:
         self.eager = BatchState(model, device)  # forward call and mask rules
         self.lengths: List[int] = []  # tokens held by each running row
         self.use_graphs = cuda_graphs and device.type == "cuda"
-        self.graphs: Dict[int, Tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: Dict[Tuple[int, int], Tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         # Decode inputs: row 0 the tokens, row 1 the columns they go to (= positions).
         self.inputs = torch.zeros((2, max_rows), dtype=torch.long, device=device)
@@ -117,6 +118,8 @@ class StaticBatchState:
         layers = getattr(getattr(model, "config", None), "num_hidden_layers", 1)
         self.cache = SlotCache(max_rows, max_len, self.inputs[1], layers)
         self.columns = torch.arange(slot_width(max_len), device=device)
+        self.narrow = getattr(getattr(model, "config", None), "_attn_implementation",
+                              None) == DECODE_ATTENTION
         self.prefill_graphs: Optional[PrefillGraphs] = None
         if self.use_graphs or bucketed_prefill:
             self.prefill_graphs = PrefillGraphs(self, PREFILL_TOKENS_PER_STEP)
@@ -143,6 +146,7 @@ class StaticBatchState:
         if max(self.lengths) > self.max_len:
             raise RuntimeError(f"a row ran past the static cache length {self.max_len}")
         bucket = self._bucket(rows) if self.use_graphs else rows
+        width = self._width(max(self.lengths) + 1)
         if self._staged is not None:  # the previous copy out of staging has finished
             self._staged.synchronize()
         on_device = isinstance(tokens, torch.Tensor)
@@ -156,17 +160,19 @@ class StaticBatchState:
         if on_device:  # queued after the staging copy, so it wins
             self.inputs[0, :rows].copy_(tokens)
         if self.use_graphs:
-            graph, output = self._graph(bucket)
+            graph, output = self._graph(bucket, width)
             graph.replay()
             logits = output[:rows]  # read (sampled) before the next replay overwrites it
         else:
-            logits = self._forward(bucket)[:rows]
+            logits = self._forward(bucket, width)[:rows]
         self.lengths = [length + 1 for length in self.lengths]
         return logits
 
-    def _decode_forward(self, bucket: int) -> torch.Tensor:
+    def _decode_forward(self, bucket: int, width: int) -> torch.Tensor:
         positions = self.inputs[1, :bucket]
-        allowed = (self.columns[None, :] <= positions[:, None])[:, None, None, :]
+        # Attend to the first `width` columns only (attention.py slices the keys to the
+        # mask): rows of 200 tokens need not read 512-token slots.
+        allowed = (self.columns[None, :width] <= positions[:, None])[:, None, None, :]
         out = self.model(input_ids=self.inputs[0, :bucket, None],
                          position_ids=positions[:, None],
                          attention_mask=self.eager._mask_for_model(allowed),
@@ -189,20 +195,38 @@ class StaticBatchState:
     def _bucket(self, rows: int) -> int:
         return next(size for size in self.buckets() if size >= rows)
 
-    def _graph(self, bucket: int) -> Tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        if bucket not in self.graphs:
+    def widths(self) -> List[int]:
+        """Key widths decode steps attend over: 128 * 2^k, then the whole slot.
+
+        Only with mii's decode attention, which slices the keys to the mask; other
+        attention functions get whole slots.
+        """
+        if not self.narrow:
+            return [self.columns.shape[0]]
+        sizes, size = [], 128
+        while size < self.max_len:
+            sizes.append(size)
+            size *= 2
+        return sizes + [self.columns.shape[0]]
+
+    def _width(self, needed: int) -> int:
+        return next(size for size in self.widths() if size >= needed)
+
+    def _graph(self, bucket: int, width: int) -> Tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        key = (bucket, width)
+        if key not in self.graphs:
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):  # warm up outside the graph, as CUDA requires
                 for _ in range(2):
-                    self._forward(bucket)
+                    self._forward(bucket, width)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                output = self._forward(bucket)
-            self.graphs[bucket] = (graph, output)
-            log.info("captured the decode step for %d rows as a CUDA graph", bucket)
-        return self.graphs[bucket]
+                output = self._forward(bucket, width)
+            self.graphs[key] = (graph, output)
+            log.info("captured the decode step for %d rows x %d columns", bucket, width)
+        return self.graphs[key]
 
     def warm_up(self) -> float:
         """Allocate the cache and capture every bucket's graph now; return the seconds taken.
@@ -215,11 +239,12 @@ class StaticBatchState:
             self._prefill([[0] * 4])  # any token: shapes only
             if self.use_graphs:
                 for bucket in sorted(self.buckets(), reverse=True):  # largest first: pool reuse
-                    self._graph(bucket)
+                    for width in sorted(self.widths(), reverse=True):
+                        self._graph(bucket, width)
                 # A pool of their own: no reasoning about which outputs may alias.
                 self.prefill_graphs.capture_all(torch.cuda.graph_pool_handle())
             else:
-                self._forward(1)
+                self._forward(1, self.widths()[0])
             self._select([])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -204,3 +204,23 @@ def test_bucketed_prefill_fills_the_same_slots_as_the_eager_prefill(plain):
                                        eager.cache.keys[layer][slot, :, :length])
             torch.testing.assert_close(bucketed.cache.values[layer][slot, :, :length],
                                        eager.cache.values[layer][slot, :, :length])
+
+
+def test_decode_attends_only_to_the_columns_in_use(tiny_model, plain):
+    loaded = _load(tiny_model)
+    state = make_state(loaded, "static", max_rows=2, cuda_graphs=True, world_size=1)
+    assert state.narrow and state.widths()[0] == 128 < state.widths()[-1]
+    seen = []
+    layer = loaded.model.model.layers[0].self_attn
+    hook = layer.register_forward_hook(lambda m, args, kwargs, out: seen.append(
+        kwargs["attention_mask"].shape[-1]), with_kwargs=True)
+    fast, fast_thread = _serve(loaded, state)
+    reference, reference_thread = _serve(plain, None)
+    try:
+        long = dict(do_sample=False, max_new_tokens=140, ignore_eos=True)  # crosses 128 columns
+        assert run(fast, PROMPTS[:2], **long).texts() == run(reference, PROMPTS[:2], **long).texts()
+    finally:
+        hook.remove()
+        _stop(fast, fast_thread)
+        _stop(reference, reference_thread)
+    assert 128 in seen and 256 in seen

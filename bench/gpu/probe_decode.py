@@ -46,7 +46,7 @@ def sync():
 def replay_ms(state, bucket, n=50):
     if not state.use_graphs:
         return None
-    graph, _ = state._graph(bucket)
+    graph, _ = state._graph(bucket, state._width(common.P + 64))
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(n):
@@ -110,7 +110,7 @@ def profile_replays(state, variant):
 
     lines = []
     for bucket in (state.buckets()[0], state.buckets()[-1]):
-        graph, _ = state._graph(bucket)
+        graph, _ = state._graph(bucket, state._width(common.P + 64))
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(20):
                 graph.replay()
