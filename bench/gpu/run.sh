@@ -100,8 +100,9 @@ for phase in $PHASES; do
       fi ;;
     C_fp32) run_phase C_fp32 150 "$PY" bench/gpu/serving_bench.py greedy_fp32 --engine deepspeed ;;
     D_static) run_phase D_static 330 "$PY" bench/gpu/static_bench.py ${STATIC_CONFIGS:-} ;;
+    D_static_*) run_phase "$phase" 330 "$PY" bench/gpu/static_bench.py ${phase#D_static_} ;;
     P_probe) run_phase P_probe 300 "$PY" bench/gpu/probe_decode.py ${PROBE_VARIANTS:-} ;;
-    *) echo "unknown phase $phase (known: B_ds B_tf A_hf C_tp2 C_rep, optional C_fp32 D_static P_probe)" ;;
+    *) echo "unknown phase $phase (known: B_ds B_tf A_hf C_tp2 C_rep, optional C_fp32 D_static D_static_<config> P_probe)" ;;
   esac
 done
 # Report (never kill by name) any process of a deployment under our MII_HOME still running.

@@ -23,7 +23,11 @@ from mii_core.ports import free_port  # noqa: E402
 
 KW = dict(do_sample=False, max_new_tokens=common.G, ignore_eos=True)
 CONFIGS = {"dynamic": dict(kv_cache="dynamic"), "static": dict(kv_cache="static"),
-           "compiled": dict(kv_cache="static", torch_compile=True)}
+           "compiled": dict(kv_cache="static", torch_compile=True),
+           # greedy-only checks: float32 shows whether bf16 differences are rounding
+           "dynamic_fp32": dict(kv_cache="dynamic", dtype="float32"),
+           "static_fp32": dict(kv_cache="static", dtype="float32")}
+COMPARE = [("static", "dynamic"), ("compiled", "dynamic"), ("static_fp32", "dynamic_fp32")]
 
 
 async def concurrent(client, n, tokens=common.G):
@@ -72,6 +76,10 @@ def run(name: str) -> list:
             greedy = [r.generated_text for r in client(common.greedy_prompts(), do_sample=False,
                                                        max_new_tokens=common.GREEDY_TOKENS,
                                                        ignore_eos=True)]
+            common.log(phase="D_static", engine=f"ours_{name}", kind="greedy_texts",
+                       texts=greedy, ready_s=round(ready, 1))
+            if name.endswith("_fp32"):
+                return greedy
             asyncio.run(concurrent(client, 4, tokens=8))  # warm the path
             for n in common.BATCHES:
                 tok_s = statistics.median(asyncio.run(concurrent(client, n)) for _ in range(2))
@@ -87,17 +95,24 @@ def run(name: str) -> list:
     return greedy
 
 
+def compare_all() -> None:
+    """Greedy text of each pair in COMPARE measured so far (this or an earlier phase)."""
+    texts = {row["engine"][len("ours_"):]: row["texts"] for row in common.read_jsonl()
+             if row.get("phase") == "D_static" and row.get("kind") == "greedy_texts"}
+    done = {row.get("what") for row in common.read_jsonl() if row.get("kind") == "greedy_compare"}
+    for mine, reference in COMPARE:
+        what = f"{mine} vs {reference}"
+        if mine in texts and reference in texts and what not in done:
+            common.log(phase="D_static", kind="greedy_compare", what=what,
+                       **common.compare_texts(texts[mine], texts[reference]))
+
+
 if __name__ == "__main__":
     common.exit_on_sigterm()
-    names = sys.argv[1:] or ["dynamic", "static", "compiled"]
-    texts = {}
-    for name in names:
+    for name in sys.argv[1:] or ["dynamic", "static", "compiled"]:
         try:
-            texts[name] = run(name)
+            run(name)
         except Exception as error:  # report, go on with the next config
             common.log(phase="D_static", engine=f"ours_{name}",
                        error=f"{type(error).__name__}: {error}"[:1500])
-    for name in names:
-        if name != "dynamic" and name in texts and "dynamic" in texts:
-            common.log(phase="D_static", kind="greedy_compare", what=f"{name} vs dynamic",
-                       **common.compare_texts(texts[name], texts["dynamic"]))
+    compare_all()
