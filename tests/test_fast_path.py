@@ -162,27 +162,6 @@ def test_grouped_decode_attention_equals_repeated_keys():
     torch.testing.assert_close(got, expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
 
 
-def test_pipelined_cancellation_frees_the_slot(plain):
-    state = StaticBatchState(plain.model, plain.device, max_rows=1, max_len=512)
-    gen = Generator(plain, replica=0, max_batch_size=1, max_queue_size=4, state=state,
-                    pipelined=True)
-    thread = threading.Thread(target=gen.run, daemon=True)
-    thread.start()
-    try:
-        blocker = Collector(1)
-        handle = gen.submit([PROMPTS[0]], GenerateParamsConfig(max_new_tokens=400,
-                                                               ignore_eos=True), blocker)
-        waiting = Collector(1)
-        gen.submit([PROMPTS[1]], GenerateParamsConfig(**GREEDY), waiting)
-        assert not waiting.done.wait(0.2)  # the only slot is taken
-        handle.cancel()
-        assert blocker.done.wait(10) and blocker.final(0).finish_reason == "cancelled"
-        assert waiting.done.wait(30) and waiting.final(0).finish_reason == "length"
-        assert waiting.final(0).token_count == GREEDY["max_new_tokens"]
-    finally:
-        _stop(gen, thread)
-
-
 def test_bucketed_prefill_fills_the_same_slots_as_the_eager_prefill(plain):
     from mii_engines.batch_state import StepPlan
 

@@ -114,8 +114,15 @@ def test_mixed_sampling_params_in_one_batch(generator):
     assert lengths == [5, 24, 24]
 
 
-def test_cancellation_frees_the_slot(loaded):
-    gen = Generator(loaded, replica=0, max_batch_size=1, max_queue_size=4)
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_cancellation_frees_the_slot(loaded, pipelined):
+    state = None
+    if pipelined:
+        from mii_engines.static_state import StaticBatchState
+
+        state = StaticBatchState(loaded.model, loaded.device, max_rows=1, max_len=512)
+    gen = Generator(loaded, replica=0, max_batch_size=1, max_queue_size=4, state=state,
+                    pipelined=pipelined)
     thread = threading.Thread(target=gen.run, daemon=True)
     thread.start()
     try:

@@ -53,6 +53,19 @@ def test_tp2_greedy_tokens_equal_tp1(tp2, deployment):
     assert info["engine"] == "deepspeed" and info["healthy"]
 
 
+def test_tp2_with_the_static_cache_gives_the_tp1_tokens(tiny_model, deployment):
+    """kv_cache="static" under tensor parallelism: rank 0 plans, both ranks fill slots."""
+    client = mii.serve(tiny_model, deployment_name="tp2-static", port_number=free_port(),
+                       engine="deepspeed", tensor_parallel=2, kv_cache="static", max_length=96)
+    try:
+        sharded = [r.generated_text for r in client(PROMPTS, **GREEDY)]
+        joined = client("Seattle is a city", **GREEDY)[0].generated_text  # a later row
+    finally:
+        client.terminate_server()
+    single = [r.generated_text for r in deployment(PROMPTS, **GREEDY)]
+    assert sharded == single and joined == single[1]
+
+
 def test_tp2_streaming(tp2):
     unary = tp2("DeepSpeed is", **GREEDY)[0]
     chunks = list(tp2.stream("DeepSpeed is", **GREEDY))

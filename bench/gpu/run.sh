@@ -110,3 +110,8 @@ left_over=$(ps -eo pid,args | grep -F "$MII_HOME/deployments" | grep -v grep)
 [ -n "$left_over" ] && echo "=== WARNING: mii processes of ours still running:" && echo "$left_over"
 echo "=== total $(( $(date +%s) - START ))s"
 "$PY" bench/gpu/summarize.py --write
+# the fast-engine table of docs/benchmarks.md (regenerate the docs from the JSON here:
+# python3 bench/gpu/fast_table.py RUN.jsonl --probe RUN.jsonl --docs docs/benchmarks.md)
+if grep -q '"D_static"' "$OUT/gpu_bench.jsonl" 2>/dev/null; then
+  "$PY" bench/gpu/fast_table.py "$OUT/gpu_bench.jsonl" --probe "$OUT/gpu_bench.jsonl" > "$OUT/fast_table.md"
+fi
