@@ -30,8 +30,10 @@ def grouped_decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor
     """Transformers' attention-function signature; output [rows, queries, heads, dim]."""
     rows, heads, queries, dim = query.shape
     kv_heads = key.shape[1]
-    if queries == 1 and attention_mask is not None and attention_mask.shape[-1] < key.shape[2]:
+    if queries == 1 and attention_mask is not None:
         # The slot cache hands over whole slots; the mask says how many columns matter.
+        # Sliced unconditionally (a no-op at full width): a shape test here would make
+        # torch.compile guard on it and compile the step twice.
         key, value = key[:, :, :attention_mask.shape[-1]], value[:, :, :attention_mask.shape[-1]]
     if queries != 1 or heads == kv_heads or kwargs.get("softcap") is not None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward

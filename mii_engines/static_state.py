@@ -30,10 +30,16 @@ from mii_engines.prefill_graphs import PrefillGraphs
 log = logging.getLogger(__name__)
 
 
+def _round16(n: int) -> int:
+    return (n + 15) // 16 * 16
+
+
 def slot_width(max_len: int) -> int:
-    """Columns per slot: max_len plus a scratch column, rounded up to a multiple of 16
-    (SDPA's memory-efficient kernel wants the mask's row stride aligned)."""
-    return (max_len + 1 + 15) // 16 * 16
+    """Columns per slot: max_len rounded up to 16 (aligned rows for the kernels), plus
+    16 scratch columns. Decode never attends to the scratch block, so every decode width
+    is strictly narrower than the slot, which keeps torch.compile from specializing the
+    step on "width == slot width" (a second compilation)."""
+    return _round16(max_len) + 16
 
 
 class SlotCache:
@@ -207,10 +213,12 @@ class StaticBatchState:
         while size < self.max_len:
             sizes.append(size)
             size *= 2
-        return sizes + [self.columns.shape[0]]
+        return sizes + [_round16(self.max_len)]
 
     def _width(self, needed: int) -> int:
-        return next(size for size in self.widths() if size >= needed)
+        # A row past max_len is one a pipelined loop already finished: its extra token is
+        # dropped, so its last column need not be visible.
+        return next(size for size in self.widths() if size >= min(needed, self.max_len))
 
     def _graph(self, bucket: int, width: int) -> Tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         key = (bucket, width)

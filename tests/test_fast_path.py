@@ -203,3 +203,29 @@ def test_decode_attends_only_to_the_columns_in_use(tiny_model, plain):
         _stop(fast, fast_thread)
         _stop(reference, reference_thread)
     assert 128 in seen and 256 in seen
+
+
+def test_compiled_decode_is_compiled_once_for_every_bucket_and_width(tiny_model):
+    """torch_compile=True: one compilation covers all graph shapes (start-up time), and
+    the compiled step computes what the eager one does."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    loaded = _load(tiny_model)
+    compiled = make_state(loaded, "static", max_rows=4, cuda_graphs=True, world_size=1,
+                          compile_decode=True)
+    eager = StaticBatchState(loaded.model, loaded.device, max_rows=4, max_len=compiled.max_len)
+    prompts = [loaded.tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.inference_mode():
+        for state in (compiled, eager):
+            state._prefill(prompts)
+            state.inputs[1, :3] = torch.tensor(state.lengths)
+        for bucket in compiled.buckets():
+            for width in compiled.widths():
+                got = compiled._forward(bucket, width)
+                torch.testing.assert_close(got, eager._forward(bucket, width), rtol=1e-3,
+                                           atol=1e-3)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert len(compiled.buckets()) * len(compiled.widths()) >= 4
