@@ -35,7 +35,8 @@ def grouped_decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor
         # Sliced unconditionally (a no-op at full width): a shape test here would make
         # torch.compile guard on it and compile the step twice.
         key, value = key[:, :, :attention_mask.shape[-1]], value[:, :, :attention_mask.shape[-1]]
-    if queries != 1 or heads == kv_heads or kwargs.get("softcap") is not None:
+    if (queries != 1 or heads == kv_heads or value.shape[-1] != dim
+            or kwargs.get("softcap") is not None):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,

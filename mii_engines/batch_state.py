@@ -15,9 +15,11 @@ from typing import Any, List, Optional, Tuple
 import torch
 from transformers import DynamicCache
 
+from mii_engines.host_copy import to_device
 
-# Prompt tokens admitted per step (a longer single prompt still joins alone): bounds how
-# long one prefill stalls the rows that are decoding.
+
+# Padded prompt tokens (rows x longest prompt) admitted per step; a longer single prompt
+# still joins alone. Bounds how long one prefill stalls the decoding rows, and its memory.
 PREFILL_TOKENS_PER_STEP = 8192
 
 
@@ -139,7 +141,7 @@ def left_padded(prompts: List[List[int]], device: torch.device
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt):] = torch.tensor(prompt)
         mask[row, width - len(prompt):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = to_device(ids, device), to_device(mask, device)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
     allowed = causal[None] & mask.bool()[:, None, :]

@@ -24,6 +24,7 @@ from mii_core.errors import DeploymentUnavailable, InvalidGenerateParams, Server
 from mii_core.interfaces import LoadedModel, RequestInfo, TokenEvent
 from mii_engines.batch_state import PREFILL_TOKENS_PER_STEP, BatchState, StepPlan
 from mii_engines.detokenize import TextStream
+from mii_engines.host_copy import to_device
 from mii_engines.metrics import ServingMetrics
 from mii_engines.sampling import RowParams, row_params, sample
 
@@ -208,7 +209,7 @@ class Generator:
 
     def _admit(self) -> List[_Row]:
         rows: List[_Row] = []
-        tokens = 0
+        longest, full = 0, False
         with self._cond:
             while self._queue and len(self._rows) + len(rows) < self.max_batch_size:
                 request = self._queue[0]
@@ -219,15 +220,19 @@ class Generator:
                 room = self.max_batch_size - len(self._rows) - len(rows)
                 end = request.admitted
                 while end < min(len(request.prompts), request.admitted + room):
-                    tokens += len(request.prompts[end])
-                    if rows and tokens > PREFILL_TOKENS_PER_STEP:
+                    # The prefill is one left-padded batch: what it costs (and allocates)
+                    # is rows x longest prompt, not the sum of the prompts.
+                    width = max(longest, len(request.prompts[end]))
+                    if rows and (len(rows) + 1) * width > PREFILL_TOKENS_PER_STEP:
+                        full = True
                         break
                     rows.append(self._new_row(request, end))
+                    longest = width
                     end += 1
                 request.admitted = end
                 if end == len(request.prompts):
                     self._queue.popleft()
-                if tokens > PREFILL_TOKENS_PER_STEP:
+                if full:
                     break
         return rows
 
@@ -247,6 +252,7 @@ class Generator:
         finishes at step N thus computes one extra token at N+1, which is dropped.
         """
         kept, keep_arg = self._retire()
+        self._rows = kept  # what _admit counts; a step in flight keeps its own list
         joining = self._admit()
         previous, self._inflight = self._inflight, None
         if kept or joining:
@@ -260,7 +266,8 @@ class Generator:
             current, self._inflight = self._inflight, None
             self._process(*current)
 
-    def _retire(self):
+    def _retire(self) -> "tuple[List[_Row], Optional[List[int]]]":
+        """End cancelled rows; return the rows that go on and the keep list for the plan."""
         keep = [i for i, row in enumerate(self._rows) if row.finish is None
                 and not row.request.cancelled]
         for row in self._rows:
@@ -274,7 +281,7 @@ class Generator:
         if kept and self.pipelined:
             decode = self._device_tokens
             if keep_arg is not None:
-                decode = decode.index_select(0, torch.tensor(keep_arg, device=decode.device))
+                decode = decode.index_select(0, to_device(keep_arg, decode.device))
         elif kept:
             decode = [row.last for row in kept]
         plan = StepPlan(keep=keep_arg, decode=decode,

@@ -82,10 +82,10 @@ def _state(model_conf, loaded, rank: RankInfo):
 
     state = make_state(loaded, model_conf.kv_cache, model_conf.max_batch_size,
                        model_conf.cuda_graphs, rank.world_size, model_conf.torch_compile)
-    if getattr(state, "use_graphs", False):
-        log.info("[progress] rank %d: capturing decode CUDA graphs%s", rank.rank,
-                 " (torch.compile first)" if model_conf.torch_compile else "")
-        log.info("[progress] rank %d: decode graphs ready in %.1fs", rank.rank, state.warm_up())
+    if getattr(state, "use_graphs", False) or getattr(state, "compiled", False):
+        log.info("[progress] rank %d: warming up the fast path (%s)", rank.rank,
+                 "torch.compile, then CUDA graphs" if model_conf.torch_compile else "CUDA graphs")
+        log.info("[progress] rank %d: fast path ready in %.1fs", rank.rank, state.warm_up())
     return state
 
 

@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from mii_core.config import GenerateParamsConfig
+from mii_engines.host_copy import to_device
 
 
 @dataclass
@@ -38,11 +39,13 @@ def row_params(params: Sequence[GenerateParamsConfig], vocab: int,
     top_p = [p.top_p for p in chosen]
 
     def column(values: List[float], dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)[:, None]
+        return to_device(values, device, dtype)[:, None]
 
-    return RowParams(torch.tensor(sampled, dtype=torch.long).to(device, non_blocking=True),
+    # top_p 1.0 must keep every token: a float32 cumsum can reach 1.0 before the tail.
+    cut = [p if p < 1.0 else float("inf") for p in top_p]
+    return RowParams(to_device(sampled, device),
                      column([p.temperature or 1.0 for p in chosen], torch.float32),
-                     column(top_k, torch.long), column(top_p, torch.float32),
+                     column(top_k, torch.long), column(cut, torch.float32),
                      needs_sort=any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p))
 
 
@@ -55,7 +58,7 @@ def sample(logits: torch.Tensor, rows: RowParams, banned: Sequence[Optional[int]
     logits = logits.float()
     ban = [(row, token) for row, token in enumerate(banned) if token is not None]
     if ban:
-        index = torch.tensor(ban, dtype=torch.long).to(logits.device)
+        index = to_device(ban, logits.device)
         logits[index[:, 0], index[:, 1]] = float("-inf")
     chosen = logits.argmax(dim=-1)
     if rows.sampled is None:

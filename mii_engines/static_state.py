@@ -25,6 +25,7 @@ import torch
 
 from mii_engines.batch_state import PREFILL_TOKENS_PER_STEP, BatchState, StepPlan, left_padded
 from mii_engines.attention import NAME as DECODE_ATTENTION
+from mii_engines.host_copy import to_device
 from mii_engines.prefill_graphs import PrefillGraphs
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,14 @@ class SlotCache:
         per_layer = 2 * like.element_size() * shape[0] * shape[1] * shape[2] * shape[3]
         needed = per_layer * self.layers
         free, _ = torch.cuda.mem_get_info(like.device)
-        if needed > 0.9 * free:
+        reserve = 2 * 2**30  # activations and the CUDA graphs' memory pools
+        if needed > 0.9 * free - reserve:
             raise RuntimeError(
                 f"kv_cache='static' needs {needed / 2**30:.1f} GiB for max_batch_size="
                 f"{self.max_rows} x max_length={self.max_len} over {self.layers} layers, but "
-                f"{free / 2**30:.1f} GiB are free on {like.device}: lower max_length or "
-                "max_batch_size, or use kv_cache='dynamic'")
+                f"{free / 2**30:.1f} GiB are free on {like.device} (2 GiB of it kept for "
+                "activations and CUDA graphs): lower max_length or max_batch_size, or use "
+                "kv_cache='dynamic'")
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -272,7 +275,7 @@ class StaticBatchState:
                 return logits
         ids, _, positions, allowed = left_padded(prompts, self.device)
         width = ids.shape[1]
-        pad = torch.tensor([width - n for n in lengths], device=self.device)
+        pad = to_device([width - n for n in lengths], self.device)
         columns = torch.arange(width, device=self.device)[None, :] - pad[:, None]
         columns = columns.masked_fill(columns < 0, self.max_len)  # padding -> scratch column
         slots = torch.arange(self.rows, self.rows + len(prompts), device=self.device)[:, None]
@@ -287,8 +290,8 @@ class StaticBatchState:
     def _select(self, keep: List[int]) -> None:
         moved = [(new, old) for new, old in enumerate(keep) if new != old]
         if moved:
-            target = torch.tensor([new for new, _ in moved], device=self.device)
-            source = torch.tensor([old for _, old in moved], device=self.device)
+            target = to_device([new for new, _ in moved], self.device)
+            source = to_device([old for _, old in moved], self.device)
             for keys, values in zip(self.cache.keys, self.cache.values):
                 keys[target] = keys[source]  # the gather copies before the scatter writes
                 values[target] = values[source]

@@ -229,3 +229,38 @@ def test_compiled_decode_is_compiled_once_for_every_bucket_and_width(tiny_model)
                                            atol=1e-3)
     assert counters["stats"]["unique_graphs"] == 1
     assert len(compiled.buckets()) * len(compiled.widths()) >= 4
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_freed_slot_is_taken_in_the_step_that_frees_it(plain, pipelined):
+    state = StaticBatchState(plain.model, plain.device, max_rows=1, max_len=256)
+    gen = Generator(plain, replica=0, max_batch_size=1, max_queue_size=4, state=state,
+                    pipelined=pipelined)
+    plans = []
+    original = state.apply
+    state.apply = lambda plan: plans.append(plan) or original(plan)
+    first, second = Collector(1), Collector(1)
+    gen.submit([PROMPTS[0]], GenerateParamsConfig(**dict(GREEDY, max_new_tokens=3)), first)
+    gen.submit([PROMPTS[1]], GenerateParamsConfig(**dict(GREEDY, max_new_tokens=3)), second)
+    thread = threading.Thread(target=gen.run, daemon=True)
+    thread.start()
+    try:
+        assert first.done.wait(30) and second.done.wait(30)
+    finally:
+        _stop(gen, thread)
+    swap = [p for p in plans if p.keep == [] and p.prefill]
+    assert len(swap) == 1, "the second request joins in the step that retires the first"
+    assert not [p for p in plans if p.keep == [] and not p.prefill and p.decode is None][:-1]
+
+
+def test_admission_budgets_the_padded_prefill_not_the_token_sum(plain, monkeypatch):
+    long_prompt = " ".join(["word"] * 30)
+    width = len(plain.tokenizer(long_prompt)["input_ids"])
+    # The token sum (width + 3 short prompts) fits; 2 rows padded to `width` do not.
+    monkeypatch.setattr(generator_module, "PREFILL_TOKENS_PER_STEP", width + width // 2)
+    gen = Generator(plain, replica=0, max_batch_size=8, max_queue_size=8)  # loop not running
+    for prompt in (long_prompt, "a", "b", "c"):
+        gen.submit([prompt], GenerateParamsConfig(**GREEDY), Collector(1))
+    first = gen._admit()
+    assert [len(row.prompt) for row in first] == [width]
+    assert len(gen._admit()) == 3  # the short ones join together at the next step
