@@ -131,7 +131,8 @@ class ModelConfig(_Strict):
     """Engine plugin name from the ``mii.engines`` group; auto = deepspeed if it imports. (mii extension)"""
     kv_cache: Literal["dynamic", "static"] = "dynamic"
     """``dynamic``: caches grow per step; ``static``: one preallocated slot of
-    ``max_length`` tokens per batch row, with CUDA-graph decode on GPUs. (mii extension)"""
+    ``max_length`` tokens per batch row (without ``max_length`` on one GPU: as long as
+    half the free memory allows), CUDA graphs for decode and prefill. (mii extension)"""
     cuda_graphs: bool = True
     """With ``kv_cache="static"`` on a GPU and tensor_parallel=1, replay decode steps
     from CUDA graphs. (mii extension)"""

@@ -81,7 +81,8 @@ def _state(model_conf, loaded, rank: RankInfo):
     from mii_engines.static_state import make_state
 
     state = make_state(loaded, model_conf.kv_cache, model_conf.max_batch_size,
-                       model_conf.cuda_graphs, rank.world_size, model_conf.torch_compile)
+                       model_conf.cuda_graphs, rank.world_size, model_conf.torch_compile,
+                       length_given=model_conf.max_length is not None)
     if getattr(state, "use_graphs", False) or getattr(state, "compiled", False):
         log.info("[progress] rank %d: warming up the fast path (%s)", rank.rank,
                  "torch.compile, then CUDA graphs" if model_conf.torch_compile else "CUDA graphs")

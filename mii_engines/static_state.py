@@ -298,11 +298,54 @@ class StaticBatchState:
         self.lengths = [self.lengths[old] for old in keep]
 
 
+def fitting_length(bytes_per_token: int, rows: int, free_bytes: int, context: int,
+                   share: float = 0.5) -> int:
+    """Slot length (a multiple of 16, at most ``context``) whose cache for ``rows`` rows
+    takes ``share`` of the free memory left after the 2 GiB kept for activations."""
+    usable = share * max(0, free_bytes - 2 * 2**30)
+    return min(context, int(usable // (bytes_per_token * rows)) // 16 * 16)
+
+
+def _bytes_per_token(model: Any) -> int:
+    config = model.config
+    heads = getattr(config, "num_attention_heads")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    dtype = next(model.parameters()).dtype
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def size_slots(loaded: Any, max_rows: int) -> None:
+    """``max_length`` unset on a GPU: shorten the served context to what fits.
+
+    The model's own context (e.g. 128k tokens) times max_batch_size rarely fits; half
+    of the free memory does. ``loaded.context_length`` is lowered with it, so requests
+    beyond it are refused at submit, naming the limit, instead of failing the batch.
+    """
+    free, _ = torch.cuda.mem_get_info(loaded.device)
+    length = fitting_length(_bytes_per_token(loaded.model), max_rows, free,
+                            loaded.context_length)
+    if length < 64:
+        raise RuntimeError(
+            f"kv_cache='static': {free / 2**30:.1f} GiB free on {loaded.device} leave "
+            f"{length} tokens per row for max_batch_size={max_rows}: lower max_batch_size "
+            "or use kv_cache='dynamic'")
+    if length < loaded.context_length:
+        log.info("[progress] kv_cache='static' without max_length: %d-token slots for %d "
+                 "rows (half the free memory); longer requests are refused",
+                 length, max_rows)
+        loaded.context_length = length
+
+
 def make_state(loaded: Any, kv_cache: str, max_rows: int, cuda_graphs: bool,
-               world_size: int, compile_decode: bool = False) -> Any:
+               world_size: int, compile_decode: bool = False,
+               length_given: bool = True) -> Any:
     """The batch state the configuration asks for (same on every rank of a replica)."""
     if kv_cache == "static":
         single = world_size == 1
+        # Ranks of one replica must agree on the length; each sees only its own memory.
+        if not length_given and single and loaded.device.type == "cuda":
+            size_slots(loaded, max_rows)
         from mii_engines.attention import use_grouped_decode_attention
 
         use_grouped_decode_attention(loaded.model)

@@ -264,3 +264,13 @@ def test_admission_budgets_the_padded_prefill_not_the_token_sum(plain, monkeypat
     first = gen._admit()
     assert [len(row.prompt) for row in first] == [width]
     assert len(gen._admit()) == 3  # the short ones join together at the next step
+
+
+def test_static_slots_without_max_length_take_half_the_free_memory():
+    from mii_engines.static_state import fitting_length
+
+    per_token = 2 * 16 * 8 * 64 * 2  # a 1B Llama in bf16: 32 KiB per token
+    free = 2 * 2**30 + 64 * 2**30  # 64 GiB beyond the 2 GiB kept back
+    assert fitting_length(per_token, 64, free, context=131072) == 16384  # 32 GiB / 2 MiB
+    assert fitting_length(per_token, 64, free, context=4096) == 4096  # the model's limit
+    assert fitting_length(per_token, 1, 2**30, context=4096) == 0  # under the reserve
