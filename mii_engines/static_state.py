@@ -322,9 +322,14 @@ def size_slots(loaded: Any, max_rows: int) -> None:
     of the free memory does. ``loaded.context_length`` is lowered with it, so requests
     beyond it are refused at submit, naming the limit, instead of failing the batch.
     """
+    try:
+        per_token = _bytes_per_token(loaded.model)
+    except (AttributeError, TypeError):  # an unusual config: the allocation check decides
+        log.info("kv_cache='static': cannot size slots from %s; using the model's context",
+                 type(getattr(loaded.model, "config", None)).__name__)
+        return
     free, _ = torch.cuda.mem_get_info(loaded.device)
-    length = fitting_length(_bytes_per_token(loaded.model), max_rows, free,
-                            loaded.context_length)
+    length = fitting_length(per_token, max_rows, free, loaded.context_length)
     if length < 64:
         raise RuntimeError(
             f"kv_cache='static': {free / 2**30:.1f} GiB free on {loaded.device} leave "
