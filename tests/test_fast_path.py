@@ -274,3 +274,19 @@ def test_static_slots_without_max_length_take_half_the_free_memory():
     assert fitting_length(per_token, 64, free, context=131072) == 16384  # 32 GiB / 2 MiB
     assert fitting_length(per_token, 64, free, context=4096) == 4096  # the model's limit
     assert fitting_length(per_token, 1, 2**30, context=4096) == 0  # under the reserve
+
+
+def test_size_slots_lowers_the_served_context_to_what_fits(plain, monkeypatch):
+    import types
+
+    from mii_engines import static_state
+
+    per_token = static_state._bytes_per_token(plain.model)
+    free = 2 * 2**30 + 2 * per_token * 4 * 320  # half of it: 320 tokens for 4 rows
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 4 * free))
+    loaded = types.SimpleNamespace(model=plain.model, device=torch.device("cuda"),
+                                   context_length=2048)
+    static_state.size_slots(loaded, max_rows=4)
+    assert loaded.context_length == 320
+    with pytest.raises(RuntimeError, match="max_batch_size=4096"):
+        static_state.size_slots(loaded, max_rows=4096)
