@@ -257,8 +257,8 @@ class Generator:
         previous, self._inflight = self._inflight, None
         if kept or joining:
             self._launch(kept, keep_arg, joining)
-        elif keep_arg is not None:
-            self._rows, self._device_tokens = [], None
+        elif keep_arg is not None:  # everyone left (self._rows is already empty)
+            self._device_tokens = None
             self._apply(StepPlan(keep=keep_arg))
         if previous is not None:
             self._process(*previous)

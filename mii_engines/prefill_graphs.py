@@ -15,15 +15,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from mii_engines.graph_capture import capture, doubling
+from mii_engines.host_copy import Staging
+
 log = logging.getLogger(__name__)
-
-
-def _powers_of_two(start: int, limit: int) -> List[int]:
-    sizes, size = [], start
-    while size < limit:
-        sizes.append(size)
-        size *= 2
-    return sizes + [limit]
 
 
 def _widths(smallest: int, widest: int) -> List[int]:
@@ -43,29 +38,27 @@ class PrefillGraphs:
 
     def __init__(self, state: Any, token_budget: int, min_width: int = 16) -> None:
         self.state = state
-        self.token_budget = token_budget
         # Longer prompts (rare, and compute-bound anyway) are prefilled eagerly.
         widest = min(state.max_len, token_budget)
         self.widths = _widths(min_width, widest)
-        self.row_buckets = _powers_of_two(1, state.max_rows)
+        self.row_buckets = doubling(1, state.max_rows)
         self.graphs: Dict[Tuple[int, int], Tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         device, rows, width = state.device, state.max_rows, self.widths[-1]
         self.ids = torch.zeros((rows, width), dtype=torch.long, device=device)
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
         self.start = torch.zeros(1, dtype=torch.long, device=device)
-        cuda = device.type == "cuda"
-        self.staging = torch.zeros((rows + 1, width + 1), dtype=torch.long, pin_memory=cuda)
-        self._staged = torch.cuda.Event() if cuda else None
+        self.staging = Staging((rows + 1, width + 1), device)
+        # Twice the budget: admitted prompts fit it, their padded bucket may not.
+        self._shapes = [(r, w) for w in self.widths for r in self.row_buckets
+                        if r == 1 or r * w <= 2 * token_budget]
 
     def shapes(self) -> List[Tuple[int, int]]:
         """Every (rows, width) bucket that gets a graph."""
-        # Twice the budget: admitted prompts fit it, their padded bucket may not.
-        return [(rows, width) for width in self.widths for rows in self.row_buckets
-                if rows == 1 or rows * width <= 2 * self.token_budget]
+        return self._shapes
 
     def bucket(self, rows: int, width: int) -> Optional[Tuple[int, int]]:
         """The smallest captured shape holding ``rows`` prompts of up to ``width`` tokens."""
-        fits = [(r, w) for r, w in self.shapes() if r >= rows and w >= width]
+        fits = [(r, w) for r, w in self._shapes if r >= rows and w >= width]
         return min(fits, key=lambda shape: shape[0] * shape[1]) if fits else None
 
     def _forward(self, rows: int, width: int) -> torch.Tensor:
@@ -96,15 +89,8 @@ class PrefillGraphs:
 
     def _capture(self, rows: int, width: int, pool: Any) -> None:
         self.lengths.zero_()  # all padding rows: writes go to scratch columns only
-        stream = torch.cuda.Stream(self.state.device)
-        stream.wait_stream(torch.cuda.current_stream(self.state.device))
-        with torch.cuda.stream(stream):
-            self._forward(rows, width)
-        torch.cuda.current_stream(self.state.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            output = self._forward(rows, width)
-        self.graphs[(rows, width)] = (graph, output)
+        self.graphs[(rows, width)] = capture(lambda: self._forward(rows, width),
+                                             self.state.device, pool)
 
     def run(self, prompts: List[List[int]], replay: bool = True) -> Optional[torch.Tensor]:
         """Logits of the prompts' last tokens, or None when no captured shape fits.
@@ -116,9 +102,7 @@ class PrefillGraphs:
             return None
         rows, width = shape
         full = self.ids.shape[1]
-        if self._staged is not None:  # the previous copy out of staging has finished
-            self._staged.synchronize()
-        staging = self.staging
+        staging = self.staging.acquire()
         staging[:rows + 1].zero_()
         for row, prompt in enumerate(prompts):  # right-aligned: left padding
             staging[row, full - len(prompt):full] = torch.tensor(prompt, dtype=torch.long)
@@ -127,8 +111,7 @@ class PrefillGraphs:
         self.ids[:rows].copy_(staging[:rows, :full], non_blocking=True)
         self.lengths[:rows].copy_(staging[:rows, full], non_blocking=True)
         self.start.copy_(staging[rows, :1], non_blocking=True)
-        if self._staged is not None:
-            self._staged.record()
+        self.staging.queued()
         if not replay:
             return self._forward(rows, width)[:len(prompts)]
         graph, output = self.graphs[shape]

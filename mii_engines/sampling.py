@@ -78,11 +78,3 @@ def sample(logits: torch.Tensor, rows: RowParams, banned: Sequence[Optional[int]
     if rows.needs_sort:
         picked = order.gather(1, picked[:, None])[:, 0]
     return chosen.index_copy(0, rows.sampled, picked)
-
-
-def next_tokens(logits: torch.Tensor, params: Sequence[GenerateParamsConfig],
-                banned: Sequence[Optional[int]], generator: Optional[torch.Generator] = None
-                ) -> List[int]:
-    """One token per row as Python ints (builds the row tensors for this call only)."""
-    rows = row_params(params, logits.shape[-1], logits.device)
-    return sample(logits, rows, banned, generator).tolist()

@@ -23,9 +23,10 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from mii_engines.batch_state import PREFILL_TOKENS_PER_STEP, BatchState, StepPlan, left_padded
+from mii_engines.batch_state import PREFILL_TOKENS_PER_STEP, BatchState, left_padded
 from mii_engines.attention import NAME as DECODE_ATTENTION
-from mii_engines.host_copy import to_device
+from mii_engines.graph_capture import capture, doubling
+from mii_engines.host_copy import Staging, to_device
 from mii_engines.prefill_graphs import PrefillGraphs
 
 log = logging.getLogger(__name__)
@@ -121,9 +122,7 @@ class StaticBatchState:
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         # Decode inputs: row 0 the tokens, row 1 the columns they go to (= positions).
         self.inputs = torch.zeros((2, max_rows), dtype=torch.long, device=device)
-        pin = device.type == "cuda"
-        self.staging = torch.zeros((2, max_rows), dtype=torch.long, pin_memory=pin)
-        self._staged = torch.cuda.Event() if pin else None
+        self.staging = Staging((2, max_rows), device)
         layers = getattr(getattr(model, "config", None), "num_hidden_layers", 1)
         self.cache = SlotCache(max_rows, max_len, self.inputs[1], layers)
         self.columns = torch.arange(slot_width(max_len), device=device)
@@ -136,6 +135,10 @@ class StaticBatchState:
         self.compiled = compile_decode
         if compile_decode:
             self._forward = torch.compile(self._decode_forward, dynamic=True)
+        # Fixed for the state's life; looked up every step.
+        self._buckets = doubling(2 if compile_decode and max_rows > 1 else 1, max_rows)
+        self._widths = (doubling(128, _round16(max_len)) if self.narrow
+                        else [self.columns.shape[0]])
 
     @property
     def rows(self) -> int:
@@ -156,16 +159,14 @@ class StaticBatchState:
             raise RuntimeError(f"a row ran past the static cache length {self.max_len}")
         bucket = self._bucket(rows) if self.use_graphs else rows
         width = self._width(max(self.lengths) + 1)
-        if self._staged is not None:  # the previous copy out of staging has finished
-            self._staged.synchronize()
         on_device = isinstance(tokens, torch.Tensor)
-        self.staging[:, :bucket].zero_()  # rows past `rows` write column 0 of free slots
-        self.staging[1, :rows] = torch.tensor(self.lengths, dtype=torch.long)
+        staging = self.staging.acquire()
+        staging[:, :bucket].zero_()  # rows past `rows` write column 0 of free slots
+        staging[1, :rows] = torch.tensor(self.lengths, dtype=torch.long)
         if not on_device:
-            self.staging[0, :rows] = torch.tensor(tokens, dtype=torch.long)
-        self.inputs[:, :bucket].copy_(self.staging[:, :bucket], non_blocking=True)
-        if self._staged is not None:
-            self._staged.record()
+            staging[0, :rows] = torch.tensor(tokens, dtype=torch.long)
+        self.inputs[:, :bucket].copy_(staging[:, :bucket], non_blocking=True)
+        self.staging.queued()
         if on_device:  # queued after the staging copy, so it wins
             self.inputs[0, :rows].copy_(tokens)
         if self.use_graphs:
@@ -195,14 +196,10 @@ class StaticBatchState:
         A compiled step starts at 2: torch.compile specializes size-1 dimensions, so a
         bucket of 1 would cost a second compilation for no measurable gain.
         """
-        sizes, size = [], 2 if self.compiled and self.max_rows > 1 else 1
-        while size < self.max_rows:
-            sizes.append(size)
-            size *= 2
-        return sizes + [self.max_rows]
+        return self._buckets
 
     def _bucket(self, rows: int) -> int:
-        return next(size for size in self.buckets() if size >= rows)
+        return next(size for size in self._buckets if size >= rows)
 
     def widths(self) -> List[int]:
         """Key widths decode steps attend over: 128 * 2^k, then the whole slot.
@@ -210,32 +207,18 @@ class StaticBatchState:
         Only with mii's decode attention, which slices the keys to the mask; other
         attention functions get whole slots.
         """
-        if not self.narrow:
-            return [self.columns.shape[0]]
-        sizes, size = [], 128
-        while size < self.max_len:
-            sizes.append(size)
-            size *= 2
-        return sizes + [_round16(self.max_len)]
+        return self._widths
 
     def _width(self, needed: int) -> int:
         # A row past max_len is one a pipelined loop already finished: its extra token is
         # dropped, so its last column need not be visible.
-        return next(size for size in self.widths() if size >= min(needed, self.max_len))
+        return next(size for size in self._widths if size >= min(needed, self.max_len))
 
     def _graph(self, bucket: int, width: int) -> Tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         key = (bucket, width)
         if key not in self.graphs:
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):  # warm up outside the graph, as CUDA requires
-                for _ in range(2):
-                    self._forward(bucket, width)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                output = self._forward(bucket, width)
-            self.graphs[key] = (graph, output)
+            self.graphs[key] = capture(lambda: self._forward(bucket, width), self.device,
+                                       self._pool, warmups=2)
             log.info("captured the decode step for %d rows x %d columns", bucket, width)
         return self.graphs[key]
 
