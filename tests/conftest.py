@@ -8,8 +8,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Any, Dict, Iterator, List
 
 import pytest
 
@@ -52,6 +53,25 @@ def kill_deployment(name: str) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@contextmanager
+def deployed(model: str, name: str, **kwargs: Any) -> Iterator[Any]:
+    """``mii.serve`` on a free port; the deployment is terminated on the way out, and its
+    processes killed by pid if terminating fails (the failure is still raised)."""
+    import mii
+    from mii_core.ports import free_port
+
+    kwargs.setdefault("port_number", free_port())
+    client = mii.serve(model, deployment_name=name, **kwargs)
+    try:
+        yield client
+    finally:
+        try:
+            client.terminate_server()
+        except Exception:
+            kill_deployment(name)
+            raise
 
 
 def kill_ours() -> None:

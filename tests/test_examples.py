@@ -8,9 +8,8 @@ from collections import Counter
 from pathlib import Path
 
 import mii
-from conftest import ROOT, kill_deployment
+from conftest import ROOT, deployed, kill_deployment
 from mii_core import registry
-from mii_core.ports import free_port
 
 EXAMPLES = ROOT / "examples"
 
@@ -39,21 +38,15 @@ def test_persistent_scripts_in_three_processes(tiny_model):
 
 
 def test_engine_plugin_example(tiny_model):
-    client = mii.serve(tiny_model, deployment_name="example-engine", port_number=free_port(),
-                       engine="hf_options", inference_engine_config={"attn_implementation": "eager"})
-    try:
+    with deployed(tiny_model, "example-engine", engine="hf_options",
+                  inference_engine_config={"attn_implementation": "eager"}) as client:
         assert client("DeepSpeed is", max_new_tokens=4)[0].generated_length == 4
         assert client.info()["engine"] == "hf_options"
-    finally:
-        client.terminate_server()
 
 
 def test_scheduler_plugin_example(tiny_model, monkeypatch):
     monkeypatch.setenv("MII_REPLICA_WEIGHTS", "3,1")  # inherited by the load balancer
-    client = mii.serve(tiny_model, deployment_name="example-scheduler", port_number=free_port(),
-                       engine="transformers", replica_num=2, scheduler="weighted_round_robin")
-    try:
+    with deployed(tiny_model, "example-scheduler", engine="transformers", replica_num=2,
+                  scheduler="weighted_round_robin") as client:
         served = Counter(client("hi", max_new_tokens=2)[0].replica for _ in range(8))
         assert served == {0: 6, 1: 2}
-    finally:
-        client.terminate_server()

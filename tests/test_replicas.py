@@ -11,22 +11,18 @@ from collections import Counter
 import pytest
 
 import mii
-from conftest import wait_until
+from conftest import deployed, wait_until
 from mii.errors import DeploymentUnavailable
 from mii_core import registry
-from mii_core.ports import free_port
 
 GREEDY = dict(do_sample=False, max_new_tokens=8, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def pair(tiny_model):
-    client = mii.serve(tiny_model, deployment_name="pair", port_number=free_port(),
-                       engine="transformers", replica_num=2, max_restarts=3)
-    try:
+    with deployed(tiny_model, "pair", engine="transformers", replica_num=2,
+                  max_restarts=3) as client:
         yield client
-    finally:
-        client.terminate_server()
 
 
 def replica_pids(client) -> dict:
@@ -126,29 +122,23 @@ def test_killed_replica_is_healed_and_the_other_loses_nothing(pair):
 
 
 def test_least_outstanding_routes_to_the_idle_replica(tiny_model):
-    client = mii.serve(tiny_model, deployment_name="least", port_number=free_port(),
-                       engine="transformers", replica_num=2, scheduler="least_outstanding")
-    try:
+    with deployed(tiny_model, "least", engine="transformers", replica_num=2,
+                  scheduler="least_outstanding") as client:
         stream = client.stream("DeepSpeed is", max_new_tokens=300, max_length=400,
                                ignore_eos=True)
         busy = next(stream).replica
         assert {client("x", **GREEDY)[0].replica for _ in range(5)} == {1 - busy}
         stream.close()
         assert client.info()["scheduler"] == "least_outstanding"
-    finally:
-        client.terminate_server()
 
 
 def test_two_replicas_of_tensor_parallel_two(tiny_model):
     """2 x 2 = four gloo ranks on CPU; both replicas give the same greedy text."""
-    client = mii.serve(tiny_model, deployment_name="two-by-two", port_number=free_port(),
-                       engine="deepspeed", replica_num=2, tensor_parallel=2)
-    record = registry.load("two-by-two")
-    try:
+    with deployed(tiny_model, "two-by-two", engine="deepspeed", replica_num=2,
+                  tensor_parallel=2) as client:
+        record = registry.load("two-by-two")
         replies = [client("DeepSpeed is", **GREEDY)[0] for _ in range(4)]
         assert [r.replica for r in replies] in ([0, 1, 0, 1], [1, 0, 1, 0])
         assert len({r.generated_text for r in replies}) == 1
         assert len({r.dist_port for r in record.replicas}) == 2  # separate rendezvous
-    finally:
-        client.terminate_server()
     assert not [p for p in record.pids.values() if registry.pid_alive(p)]

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import mii
-from conftest import wait_until
+from conftest import deployed, wait_until
 from mii_core import registry
 from mii_core.ports import free_port as pick
 from mii_core.ports import is_port_free
@@ -29,13 +29,9 @@ def gw(tiny_model, tmp_path_factory):
     """A module-wide deployment with the gateway on; yields (client, base URL, name)."""
     name = f"rest-{tmp_path_factory.mktemp('rest').name}"
     rest_port = pick()
-    client = mii.serve(tiny_model, deployment_name=name, port_number=pick(),
-                       engine="transformers", enable_restful_api=True,
-                       restful_api_port=rest_port)
-    try:
+    with deployed(tiny_model, name, engine="transformers", enable_restful_api=True,
+                  restful_api_port=rest_port) as client:
         yield client, f"http://127.0.0.1:{rest_port}", name
-    finally:
-        client.terminate_server()
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import psutil
 import pytest
 
 import mii
+from conftest import deployed
 from mii.errors import AuthenticationError
 from mii_core import registry
-from mii_core.ports import free_port
 from mii_transport.generated import mii_pb2, mii_pb2_grpc
 
 TOKEN = "s3cret-token"
@@ -18,12 +18,8 @@ TOKEN = "s3cret-token"
 
 @pytest.fixture(scope="module")
 def guarded(tiny_model):
-    client = mii.serve(tiny_model, deployment_name="guarded", port_number=free_port(),
-                       engine="transformers", auth_token=TOKEN)
-    try:
+    with deployed(tiny_model, "guarded", engine="transformers", auth_token=TOKEN) as client:
         yield client
-    finally:
-        client.terminate_server()
 
 
 def test_token_holder_is_served(guarded):
@@ -82,10 +78,8 @@ def test_tls_deployment(tiny_model, tmp_path):
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
                     "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    client = mii.serve(tiny_model, deployment_name="tls", port_number=free_port(),
-                       engine="transformers", tls_cert_file=str(cert), tls_key_file=str(key),
-                       auth_token=TOKEN)
-    try:
+    with deployed(tiny_model, "tls", engine="transformers", tls_cert_file=str(cert),
+                  tls_key_file=str(key), auth_token=TOKEN) as client:
         assert client("DeepSpeed is", max_new_tokens=3)[0].generated_length == 3
         remote = mii.client(f"127.0.0.1:{client.port}", token=TOKEN, tls_root_cert=str(cert))
         assert remote("hi", max_new_tokens=2)[0].generated_length == 2
@@ -94,8 +88,6 @@ def test_tls_deployment(tiny_model, tmp_path):
                                   port=client.port)
         with pytest.raises(mii.errors.DeploymentUnavailable):
             plaintext("hi", max_new_tokens=2)
-    finally:
-        client.terminate_server()
 
 
 def test_tls_files_must_exist(tiny_model, tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import mii
+from conftest import deployed
 from mii.errors import ConfigError, DeploymentUnavailable, PortInUseError
 from mii_core import registry
 from mii_core.ports import free_port
@@ -37,12 +38,9 @@ def rank_pids(record_path: str) -> dict:
 
 @pytest.fixture(scope="module")
 def tp2(tiny_model):
-    client = mii.serve(tiny_model, deployment_name="tp2", port_number=free_port(),
-                       engine="deepspeed", tensor_parallel=2, max_restarts=2)
-    try:
+    with deployed(tiny_model, "tp2", engine="deepspeed", tensor_parallel=2,
+                  max_restarts=2) as client:
         yield client
-    finally:
-        client.terminate_server()
 
 
 def test_tp2_greedy_tokens_equal_tp1(tp2, deployment):
@@ -55,13 +53,10 @@ def test_tp2_greedy_tokens_equal_tp1(tp2, deployment):
 
 def test_tp2_with_the_static_cache_gives_the_tp1_tokens(tiny_model, deployment):
     """kv_cache="static" under tensor parallelism: rank 0 plans, both ranks fill slots."""
-    client = mii.serve(tiny_model, deployment_name="tp2-static", port_number=free_port(),
-                       engine="deepspeed", tensor_parallel=2, kv_cache="static", max_length=96)
-    try:
+    with deployed(tiny_model, "tp2-static", engine="deepspeed", tensor_parallel=2,
+                  kv_cache="static", max_length=96) as client:
         sharded = [r.generated_text for r in client(PROMPTS, **GREEDY)]
         joined = client("Seattle is a city", **GREEDY)[0].generated_text  # a later row
-    finally:
-        client.terminate_server()
     single = [r.generated_text for r in deployment(PROMPTS, **GREEDY)]
     assert sharded == single and joined == single[1]
 
