@@ -154,16 +154,6 @@ def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def deployment(tiny_model, tmp_path_factory):
     """A module-wide deployment of the tiny model (transformers engine), terminated at the end."""
-    import mii
-    from mii_core.ports import free_port as pick
-
-    name = f"tiny-{tmp_path_factory.mktemp('d').name}"
-    client = mii.serve(tiny_model, deployment_name=name, port_number=pick(),
-                       engine="transformers")
-    try:
+    with deployed(tiny_model, f"tiny-{tmp_path_factory.mktemp('d').name}",
+                  engine="transformers") as client:
         yield client
-    finally:
-        try:
-            client.terminate_server()
-        except Exception:
-            kill_deployment(name)
