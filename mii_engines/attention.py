@@ -12,6 +12,11 @@ with 4 queries per head, the memory-efficient kernel runs one thread block per r
 and head and took 34 us per layer at batch 1 and 53 us at batch 64 on an H100
 (30-39 % of a compiled decode step), while batched GEMMs spread the keys over the
 whole GPU. Prompts (more than one query token) take transformers' own SDPA path.
+
+When the static state has bound its slots to the attention module (``bind_slots``),
+a decode step is called without a cache object: the new key/value is written into
+the module's own slot buffers here. Nothing then reads the module's ``layer_idx``,
+so one compiled decoder layer serves every layer (see regional_compile.py).
 """
 from __future__ import annotations
 
@@ -30,6 +35,16 @@ def grouped_decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor
     """Transformers' attention-function signature; output [rows, queries, heads, dim]."""
     rows, heads, queries, dim = query.shape
     kv_heads = key.shape[1]
+    slot_keys = getattr(module, "mii_keys", None)
+    # A decode step without a cache object: one new key, a mask over the slot's columns.
+    # (A one-token prompt prefilled eagerly also has one key, but a one-column mask.)
+    if (slot_keys is not None and queries == 1 and attention_mask is not None
+            and attention_mask.shape[-1] > key.shape[2]):
+        index, columns = module.mii_rows[:rows], module.mii_write_pos[:rows]
+        slot_values = module.mii_values
+        slot_keys[index, :, columns, :] = key[:, :, 0, :]
+        slot_values[index, :, columns, :] = value[:, :, 0, :]
+        key, value = slot_keys[:rows], slot_values[:rows]
     if queries == 1 and attention_mask is not None:
         # The slot cache hands over whole slots; the mask says how many columns matter.
         # Sliced unconditionally (a no-op at full width): a shape test here would make
@@ -62,3 +77,15 @@ def use_grouped_decode_attention(model: Any) -> bool:
     AttentionInterface.register(NAME, grouped_decode_attention)
     model.set_attn_implementation(NAME)
     return True
+
+
+def bind_slots(module: Any, keys: torch.Tensor, values: torch.Tensor, write_pos: torch.Tensor,
+               rows: torch.Tensor) -> None:
+    """Give an attention module its layer's slot buffers and the shared write columns.
+
+    Buffers (not plain attributes): torch.compile treats a module's buffers as inputs,
+    so every layer's buffers go through the same compiled code.
+    """
+    for name, tensor in (("mii_keys", keys), ("mii_values", values),
+                         ("mii_write_pos", write_pos), ("mii_rows", rows)):
+        module.register_buffer(name, tensor, persistent=False)

@@ -110,7 +110,10 @@ class Generator:
         self._cond = threading.Condition()
         self._stopping = False
         self._ids = itertools.count(1)
-        self.counters: Dict[str, int] = {"requests": 0, "steps": 0}
+        # prefills: steps that admitted rows; prefill_rows: rows admitted (their ratio
+        # says how well arrivals were batched).
+        self.counters: Dict[str, int] = {"requests": 0, "steps": 0, "prefills": 0,
+                                         "prefill_rows": 0}
         self.metrics = ServingMetrics()
         self.failed: Optional[BaseException] = None
 
@@ -159,7 +162,9 @@ class Generator:
     def stats(self) -> Dict[str, Any]:
         """Counters plus current queue depth and batch size."""
         outcomes = self.metrics.requests
+        graphs = getattr(self.state, "prefill_graphs", None)
         return dict(self.counters, finished=outcomes["ok"], cancelled=outcomes["cancelled"],
+                    padded_prefill_rows=graphs.padded_rows if graphs else 0,
                     errors=outcomes["error"], tokens_generated=self.metrics.tokens_generated,
                     queue_depth=len(self._queue), running=len(self._rows), replica=self.replica,
                     metrics=self.metrics.snapshot(len(self._queue), len(self._rows)))
@@ -286,6 +291,9 @@ class Generator:
             decode = [row.last for row in kept]
         plan = StepPlan(keep=keep_arg, decode=decode,
                         prefill=[row.prompt for row in joining] or None)
+        if joining:
+            self.counters["prefills"] += 1
+            self.counters["prefill_rows"] += len(joining)
         self._rows = kept + joining  # before the forward, so a failing step fails them too
         if keep_arg is not None or joining:
             self._row_params = None

@@ -14,20 +14,26 @@ batching loop does not care which one runs. Differences:
 - Prompts are prefilled in one left-padded batch whose keys and values go straight
   into their slots (one scatter per layer), with no intermediate cache.
 - Rows that leave are compacted with one gather per layer.
+- With mii's decode attention, each attention module gets its layer's slots as
+  buffers after the first prefill, and decode steps run without a cache object (the
+  attention function writes the new key/value). ``torch_compile`` then compiles one
+  decoder layer for all layers (regional_compile.py) instead of the whole model.
 """
 from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
 from mii_engines.batch_state import PREFILL_TOKENS_PER_STEP, BatchState, left_padded
-from mii_engines.attention import NAME as DECODE_ATTENTION
+from mii_engines.attention import NAME as DECODE_ATTENTION, bind_slots
 from mii_engines.graph_capture import capture, doubling
 from mii_engines.host_copy import Staging, to_device
 from mii_engines.prefill_graphs import PrefillGraphs
+from mii_engines.regional_compile import RegionalCompile, repeated_blocks
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +137,20 @@ class StaticBatchState:
         self.prefill_graphs: Optional[PrefillGraphs] = None
         if self.use_graphs or bucketed_prefill:
             self.prefill_graphs = PrefillGraphs(self, PREFILL_TOKENS_PER_STEP)
+        # Decode through the attention modules' own slots (no cache object), if every
+        # layer's attention module can be found.
+        self.attention_modules = (attention_modules(model, layers) if self.narrow else None)
         self._forward = self._decode_forward
         self.compiled = compile_decode
+        self.warm_up_times: Dict[str, float] = {}  # what warm_up spent where (CUDA graphs)
+        self.regions: Optional[RegionalCompile] = None
         if compile_decode:
-            self._forward = torch.compile(self._decode_forward, dynamic=True)
+            blocks = repeated_blocks(model) if self.attention_modules else None
+            if blocks is not None:
+                self.regions = RegionalCompile(blocks)
+            else:  # the whole step, with the cache object
+                self.attention_modules = None
+                self._forward = torch.compile(self._decode_forward, dynamic=True)
         # Fixed for the state's life; looked up every step.
         self._buckets = doubling(2 if compile_decode and max_rows > 1 else 1, max_rows)
         self._widths = (doubling(128, _round16(max_len)) if self.narrow
@@ -183,12 +199,30 @@ class StaticBatchState:
         # Attend to the first `width` columns only (attention.py slices the keys to the
         # mask): rows of 200 tokens need not read 512-token slots.
         allowed = (self.columns[None, :width] <= positions[:, None])[:, None, None, :]
-        out = self.model(input_ids=self.inputs[0, :bucket, None],
-                         position_ids=positions[:, None],
-                         attention_mask=self.eager._mask_for_model(allowed),
-                         cache_position=positions[:1], use_cache=True, logits_to_keep=1,
-                         **{self.eager.cache_arg: self.cache})
+        cache = None if self._bind_slots() else self.cache
+        regions = self.regions.compiled() if self.regions else nullcontext()
+        with regions:
+            out = self.model(input_ids=self.inputs[0, :bucket, None],
+                             position_ids=positions[:, None],
+                             attention_mask=self.eager._mask_for_model(allowed),
+                             cache_position=positions[:1], use_cache=cache is not None,
+                             logits_to_keep=1, **{self.eager.cache_arg: cache})
         return out.logits[:, -1, :]
+
+    def _bind_slots(self) -> bool:
+        """Hand each attention module this state's slots (once the first prefill has
+        allocated them); True when decode steps go through them. Checked every step:
+        another state on the same model (a test's reference) may have bound its own."""
+        modules = self.attention_modules
+        if not modules or len(self.cache.keys) != len(modules):
+            return False
+        if getattr(modules[0], "mii_keys", None) is not self.cache.keys[0]:
+            for module, keys, values in zip(modules, self.cache.keys, self.cache.values):
+                if self.regions:  # fixed for the state's life: no symbols to guard on
+                    torch._dynamo.mark_static(keys)
+                    torch._dynamo.mark_static(values)
+                bind_slots(module, keys, values, self.cache.write_pos, self.cache.row_index)
+        return True
 
     def buckets(self) -> List[int]:
         """Row counts that get their own CUDA graph: powers of two, then max_rows.
@@ -232,11 +266,22 @@ class StaticBatchState:
         with torch.inference_mode():
             self._prefill([[0] * 4])  # any token: shapes only
             if self.use_graphs:
+                first = None
                 for bucket in sorted(self.buckets(), reverse=True):  # largest first: pool reuse
                     for width in sorted(self.widths(), reverse=True):
                         self._graph(bucket, width)
+                        first = first or time.perf_counter() - started
+                decoded = time.perf_counter() - started
                 # A pool of their own: no reasoning about which outputs may alias.
                 self.prefill_graphs.capture_all(torch.cuda.graph_pool_handle())
+                self.warm_up_times = dict(first_decode_graph_s=round(first, 2),
+                                          decode_graphs_s=round(decoded - first, 2),
+                                          prefill_graphs_s=round(
+                                              time.perf_counter() - started - decoded, 2))
+                log.info("[progress] warm-up: first decode graph (with any compilation) "
+                         "%(first_decode_graph_s).1fs, the other decode graphs "
+                         "%(decode_graphs_s).1fs, prefill graphs %(prefill_graphs_s).1fs",
+                         self.warm_up_times)
             else:
                 self._forward(1, self.widths()[0])
             self._select([])
@@ -279,6 +324,21 @@ class StaticBatchState:
                 keys[target] = keys[source]  # the gather copies before the scatter writes
                 values[target] = values[source]
         self.lengths = [self.lengths[old] for old in keep]
+
+
+def attention_modules(model: Any, layers: int) -> Optional[List[Any]]:
+    """Each layer's attention module (the innermost module whose ``layer_idx`` is that
+    layer), in layer order; None when some layer has none or several."""
+    found: Dict[int, List[Any]] = {}
+    for module in model.modules():
+        index = getattr(module, "layer_idx", None)
+        if isinstance(index, int) and not any(
+                getattr(child, "layer_idx", None) == index for child in module.modules()
+                if child is not module):
+            found.setdefault(index, []).append(module)
+    if sorted(found) != list(range(layers)) or any(len(m) != 1 for m in found.values()):
+        return None
+    return [found[index][0] for index in range(layers)]
 
 
 def fitting_length(bytes_per_token: int, rows: int, free_bytes: int, context: int,

@@ -175,6 +175,7 @@ def test_bucketed_prefill_fills_the_same_slots_as_the_eager_prefill(plain):
         _, expected = eager.apply(StepPlan(prefill=prompts[1:]))
         _, got = bucketed.apply(StepPlan(prefill=prompts[1:]))
     assert bucketed.prefill_graphs.bucket(3, max(len(p) for p in prompts)) == (4, 16)
+    assert bucketed.prefill_graphs.padded_rows == 1  # 1 row in bucket 1, 3 rows in bucket 4
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert bucketed.lengths == eager.lengths == [len(p) for p in prompts]
     for layer in range(len(eager.cache.keys)):
@@ -183,6 +184,59 @@ def test_bucketed_prefill_fills_the_same_slots_as_the_eager_prefill(plain):
                                        eager.cache.keys[layer][slot, :, :length])
             torch.testing.assert_close(bucketed.cache.values[layer][slot, :, :length],
                                        eager.cache.values[layer][slot, :, :length])
+
+
+def test_prefill_row_buckets_double_to_8_then_step_by_8():
+    from mii_engines.prefill_graphs import _row_buckets
+
+    assert _row_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert _row_buckets(20) == [1, 2, 4, 8, 16, 20]
+    assert _row_buckets(8) == [1, 2, 4, 8] and _row_buckets(3) == [1, 2, 3]
+    assert _row_buckets(1) == [1]
+
+
+def test_stats_count_prefills_and_admitted_rows(plain):
+    state = StaticBatchState(plain.model, plain.device, max_rows=8, max_len=64,
+                             bucketed_prefill=True)
+    gen, thread = _serve(plain, state)
+    try:
+        run(gen, PROMPTS[:3], **GREEDY)  # one request: its 3 prompts join in one step
+    finally:
+        _stop(gen, thread)
+    stats = gen.stats()
+    assert (stats["prefills"], stats["prefill_rows"], stats["padded_prefill_rows"]) == (1, 3, 1)
+
+
+def test_decode_writes_through_the_attention_modules_slots_and_other_attention_keeps_the_cache(
+        tiny_model, plain):
+    """mii's decode attention writes each layer's new key/value into that layer's slots
+    (no cache object: what lets one compiled layer serve all); a model on another
+    attention implementation decodes through the cache object. Same greedy text."""
+    expected = None
+    for attention in ("sdpa", "eager"):
+        loaded = _load(tiny_model)
+        loaded.model.set_attn_implementation(attention)
+        state = make_state(loaded, "static", max_rows=4, cuda_graphs=True, world_size=1)
+        assert (state.attention_modules is not None) == (attention == "sdpa")
+        fast, fast_thread = _serve(loaded, state)
+        try:
+            texts = run(fast, PROMPTS, **GREEDY).texts()
+        finally:
+            _stop(fast, fast_thread)
+        if attention == "sdpa":
+            layers = loaded.model.model.layers
+            assert all(layer.self_attn.mii_keys is keys
+                       for layer, keys in zip(layers, state.cache.keys))
+        expected = expected or run_reference(plain)
+        assert texts == expected
+
+
+def run_reference(loaded):
+    reference, thread = _serve(loaded, None)
+    try:
+        return run(reference, PROMPTS, **GREEDY).texts()
+    finally:
+        _stop(reference, thread)
 
 
 def test_decode_attends_only_to_the_columns_in_use(tiny_model, plain):
@@ -206,15 +260,20 @@ def test_decode_attends_only_to_the_columns_in_use(tiny_model, plain):
 
 
 def test_compiled_decode_is_compiled_once_for_every_bucket_and_width(tiny_model):
-    """torch_compile=True: one compilation covers all graph shapes (start-up time), and
-    the compiled step computes what the eager one does."""
+    """torch_compile=True: one compilation of one decoder layer covers every layer and
+    every graph shape (start-up time), and the compiled step computes what the eager
+    one does. 16 rows = the tiny model's head_dim: the largest bucket, compiled first
+    as in warm_up, must not be taken for the same size as the head_dim."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     loaded = _load(tiny_model)
-    compiled = make_state(loaded, "static", max_rows=4, cuda_graphs=True, world_size=1,
+    head_dim = loaded.model.config.hidden_size // loaded.model.config.num_attention_heads
+    compiled = make_state(loaded, "static", max_rows=head_dim, cuda_graphs=True, world_size=1,
                           compile_decode=True)
-    eager = StaticBatchState(loaded.model, loaded.device, max_rows=4, max_len=compiled.max_len)
+    assert compiled.regions is not None and loaded.model.config.num_hidden_layers > 1
+    eager = StaticBatchState(loaded.model, loaded.device, max_rows=head_dim,
+                             max_len=compiled.max_len)
     prompts = [loaded.tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
     torch._dynamo.reset()
     counters.clear()
@@ -222,7 +281,7 @@ def test_compiled_decode_is_compiled_once_for_every_bucket_and_width(tiny_model)
         for state in (compiled, eager):
             state._prefill(prompts)
             state.inputs[1, :3] = torch.tensor(state.lengths)
-        for bucket in compiled.buckets():
+        for bucket in sorted(compiled.buckets(), reverse=True):
             for width in compiled.widths():
                 got = compiled._forward(bucket, width)
                 torch.testing.assert_close(got, eager._forward(bucket, width), rtol=1e-3,

@@ -3,7 +3,8 @@
     python bench/gpu/probe_decode.py [VARIANT ...]    (run.sh's environment, one GPU)
 
 Variants: plain (graphs), fused (q/k/v + gate/up fused, graphs), compiled (fused +
-torch.compile, graphs). For each: warm-up seconds, GPU time of one graph replay per
+one torch.compiled decoder layer for all layers, graphs), compiled_whole (fused + the
+whole decode step compiled, as before regional compilation). For each: warm-up seconds, GPU time of one graph replay per
 bucket (CUDA events), the step time of the loop's own work (replay + batched sampler +
 one host sync), and the in-process Generator's tok/s for 1/16/64 prompts of 128 tokens
 with 128 new tokens — the "engine in-process" side of the served/in-process ratio.
@@ -23,6 +24,7 @@ from mii_core.interfaces import RankInfo  # noqa: E402
 from mii_engines.batch_state import StepPlan  # noqa: E402
 from mii_engines.generator import Generator  # noqa: E402
 from mii_engines.sampling import row_params, sample  # noqa: E402
+from mii_engines import static_state  # noqa: E402
 from mii_engines.static_state import make_state  # noqa: E402
 from mii_engines.transformers_engine import TransformersEngine  # noqa: E402
 
@@ -131,10 +133,13 @@ def probe(variant):
 
         state = StaticBatchState(loaded.model, loaded.device, MAX_ROWS, MAX_LEN)
     else:
+        if variant == "compiled_whole":  # the earlier way: the whole step compiled
+            static_state.repeated_blocks = lambda model: None
         state = make_state(loaded, "static", MAX_ROWS, True, 1,
-                           compile_decode=(variant == "compiled"))
+                           compile_decode=variant.startswith("compiled"))
     warm = state.warm_up()
-    result = dict(phase="P_probe", variant=variant, warm_up_s=round(warm, 1))
+    result = dict(phase="P_probe", variant=variant, warm_up_s=round(warm, 1),
+                  regional=state.regions is not None, **state.warm_up_times)
     for rows in (1, 16, 64):
         if rows > MAX_ROWS:
             continue

@@ -55,6 +55,17 @@ async def streamed(client, n):
             f"itl_ms_p50_bs{n}": _ms(_pct(gaps, 50)), f"itl_ms_p99_bs{n}": _ms(_pct(gaps, 99))}
 
 
+def batching(client) -> dict:
+    """The replicas' prefill counters (steps that admitted rows, rows admitted, rows
+    computed only to fill a graph bucket), summed."""
+    totals = dict(prefills=0, prefill_rows=0, padded_prefill_rows=0)
+    for replica in client.info().get("replicas", []):
+        stats = replica.get("stats", {})
+        for key in totals:
+            totals[key] += stats.get(key, 0)
+    return totals
+
+
 def _pct(values, q):
     if not values:
         return float("nan")
@@ -82,9 +93,12 @@ def run(name: str) -> list:
                 return greedy
             asyncio.run(concurrent(client, 4, tokens=8))  # warm the path
             for n in common.BATCHES:
+                before = batching(client)
                 tok_s = statistics.median(asyncio.run(concurrent(client, n)) for _ in range(2))
+                after = batching(client)
                 common.log(phase="D_static", engine=f"ours_{name}", mode="concurrent", bs=n,
-                           tok_s=round(tok_s, 1), ready_s=round(ready, 1))
+                           tok_s=round(tok_s, 1), ready_s=round(ready, 1),
+                           **{key: after[key] - before[key] for key in after})
             latency = {}
             for n in (1, common.BATCHES[-1]):
                 latency.update(asyncio.run(streamed(client, n)))

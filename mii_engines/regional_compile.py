@@ -1,0 +1,64 @@
+"""torch.compile one decoder layer and use it for all of them ("regional" compilation).
+
+Compiling a whole 16-layer model traces, lowers and schedules every layer, although
+they run the same code: most of a cold start went there. Here the layer class's
+``forward`` is compiled once, with the layer as an argument; with the parameters and
+buffers of a module treated as inputs (torch's default since 2.5), every layer reuses
+that one compiled graph. The layers' surroundings (embedding, rotary tables, final
+norm, lm_head) stay eager; inside a CUDA graph that costs no launches.
+
+The compiled forward is used only while ``active`` (the decode step): prefills take
+the eager path, so that their shapes never reach the compiler. Duck shaping is off
+while it compiles: otherwise a row bucket that happens to equal another size (64 rows
+and a head_dim of 64) is assumed equal to it, and the next bucket compiles again.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.fx.experimental._config as shape_config
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def repeated_blocks(model: nn.Module) -> Optional[nn.ModuleList]:
+    """The model's longest ``ModuleList`` of modules of one class (its decoder layers)."""
+    best: Optional[nn.ModuleList] = None
+    for module in model.modules():
+        if (isinstance(module, nn.ModuleList) and len(module) > 1
+                and len({type(block) for block in module}) == 1
+                and (best is None or len(module) > len(best))):
+            best = module
+    return best
+
+
+class RegionalCompile:
+    """Routes every block's forward through one compiled function while ``active``."""
+
+    def __init__(self, blocks: nn.ModuleList, dynamic: bool = True) -> None:
+        self.active = False
+        self._compiled = torch.compile(type(blocks[0]).forward, dynamic=dynamic)
+        for block in blocks:
+            block.forward = functools.partial(self._forward, block, block.forward)
+        log.info("torch.compile: one %s compiled for %d layers", type(blocks[0]).__name__,
+                 len(blocks))
+
+    def _forward(self, block: nn.Module, eager: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.active:
+            with shape_config.patch(use_duck_shape=False):
+                return self._compiled(block, *args, **kwargs)
+        return eager(*args, **kwargs)
+
+    @contextmanager
+    def compiled(self) -> Iterator[None]:
+        """Blocks called inside run compiled."""
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
