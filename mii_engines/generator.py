@@ -22,7 +22,8 @@ from mii_core.config import GenerateParamsConfig
 from mii_core.constants import GenerationFinishReason as Finish
 from mii_core.errors import DeploymentUnavailable, InvalidGenerateParams, ServerOverloaded
 from mii_core.interfaces import LoadedModel, RequestInfo, TokenEvent
-from mii_engines.batch_state import PREFILL_TOKENS_PER_STEP, BatchState, StepPlan
+from mii_engines.batch_state import (PREFILL_TOKENS_PER_STEP, PREFILL_TOKENS_WHILE_DECODING,
+                                     BatchState, StepPlan)
 from mii_engines.detokenize import TextStream
 from mii_engines.host_copy import to_device
 from mii_engines.metrics import ServingMetrics
@@ -215,6 +216,7 @@ class Generator:
     def _admit(self) -> List[_Row]:
         rows: List[_Row] = []
         longest, full = 0, False
+        budget = PREFILL_TOKENS_WHILE_DECODING if self._rows else PREFILL_TOKENS_PER_STEP
         with self._cond:
             while self._queue and len(self._rows) + len(rows) < self.max_batch_size:
                 request = self._queue[0]
@@ -228,7 +230,7 @@ class Generator:
                     # The prefill is one left-padded batch: what it costs (and allocates)
                     # is rows x longest prompt, not the sum of the prompts.
                     width = max(longest, len(request.prompts[end]))
-                    if rows and (len(rows) + 1) * width > PREFILL_TOKENS_PER_STEP:
+                    if rows and (len(rows) + 1) * width > budget:
                         full = True
                         break
                     rows.append(self._new_row(request, end))

@@ -325,6 +325,20 @@ def test_admission_budgets_the_padded_prefill_not_the_token_sum(plain, monkeypat
     assert len(gen._admit()) == 3  # the short ones join together at the next step
 
 
+def test_while_rows_decode_fewer_prompt_tokens_join_per_step(plain, monkeypatch):
+    """A prefill stalls the running rows' next token: with rows running, the smaller
+    budget applies (a lone long prompt still joins)."""
+    width = len(plain.tokenizer("x")["input_ids"])
+    monkeypatch.setattr(generator_module, "PREFILL_TOKENS_PER_STEP", 8 * width)
+    monkeypatch.setattr(generator_module, "PREFILL_TOKENS_WHILE_DECODING", 2 * width)
+    gen = Generator(plain, replica=0, max_batch_size=16, max_queue_size=16)  # loop not running
+    for _ in range(12):
+        gen.submit(["x"], GenerateParamsConfig(**GREEDY), Collector(1))
+    gen._rows = gen._admit()  # nothing running: the whole budget
+    assert len(gen._rows) == 8
+    assert len(gen._admit()) == 2  # 8 rows decoding: the smaller budget
+
+
 def test_static_slots_without_max_length_take_half_the_free_memory():
     from mii_engines.static_state import fitting_length
 
