@@ -94,7 +94,7 @@ def run(name: str) -> list:
             asyncio.run(concurrent(client, 4, tokens=8))  # warm the path
             for n in common.BATCHES:
                 before = batching(client)
-                tok_s = statistics.median(asyncio.run(concurrent(client, n)) for _ in range(2))
+                tok_s = statistics.median(asyncio.run(concurrent(client, n)) for _ in range(3))
                 after = batching(client)
                 common.log(phase="D_static", engine=f"ours_{name}", mode="concurrent", bs=n,
                            tok_s=round(tok_s, 1), ready_s=round(ready, 1),
