@@ -108,11 +108,6 @@ def serve(record: DeploymentRecord, replica: int, loaded, rank: RankInfo) -> Non
                           sync_debug=config.model_conf.sync_debug,
                           profile_model_time=config.model_conf.profile_model_time,
                           state=_state(config.model_conf, loaded, rank))
-    # The transport's event loop and the engine loop share the GIL. A thread waiting
-    # for it waits up to the switch interval (5 ms by default) while the other runs
-    # Python, e.g. streaming 64 rows' tokens; a decode step is ~2 ms.
-    sys.setswitchinterval(float(os.environ.get("MII_GIL_SWITCH_INTERVAL_S", "0.0005")))
-
     def run_loop() -> None:
         try:
             generator.run()

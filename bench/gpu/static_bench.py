@@ -27,6 +27,9 @@ CONFIGS = {"dynamic": dict(kv_cache="dynamic"), "static": dict(kv_cache="static"
            # greedy-only checks: float32 shows whether bf16 differences are rounding
            "dynamic_fp32": dict(kv_cache="dynamic", dtype="float32"),
            "static_fp32": dict(kv_cache="static", dtype="float32")}
+# Appended to the engine names: an A/B of the environment (e.g. LABEL=_gil5ms with
+# MII_GIL_SWITCH_INTERVAL_S=0.005) keeps its rows apart from the main run's.
+LABEL = os.environ.get("BENCH_LABEL", "")
 COMPARE = [("static", "dynamic"), ("compiled", "dynamic"), ("static_fp32", "dynamic_fp32")]
 
 
@@ -87,7 +90,7 @@ def run(name: str) -> list:
             greedy = [r.generated_text for r in client(common.greedy_prompts(), do_sample=False,
                                                        max_new_tokens=common.GREEDY_TOKENS,
                                                        ignore_eos=True)]
-            common.log(phase="D_static", engine=f"ours_{name}", kind="greedy_texts",
+            common.log(phase="D_static", engine=f"ours_{name}{LABEL}", kind="greedy_texts",
                        texts=greedy, ready_s=round(ready, 1))
             if name.endswith("_fp32"):
                 return greedy
@@ -96,7 +99,7 @@ def run(name: str) -> list:
                 before = batching(client)
                 tok_s = statistics.median(asyncio.run(concurrent(client, n)) for _ in range(3))
                 after = batching(client)
-                common.log(phase="D_static", engine=f"ours_{name}", mode="concurrent", bs=n,
+                common.log(phase="D_static", engine=f"ours_{name}{LABEL}", mode="concurrent", bs=n,
                            tok_s=round(tok_s, 1), ready_s=round(ready, 1),
                            **{key: after[key] - before[key] for key in after})
             latency = {}
@@ -104,7 +107,7 @@ def run(name: str) -> list:
                 latency.update(asyncio.run(streamed(client, n)))
         finally:
             client.terminate_server()
-    common.log(phase="D_static", engine=f"ours_{name}", kind="latency_memory",
+    common.log(phase="D_static", engine=f"ours_{name}{LABEL}", kind="latency_memory",
                ready_s=round(ready, 1), **latency, **sampler.summary())
     return greedy
 
@@ -127,6 +130,6 @@ if __name__ == "__main__":
         try:
             run(name)
         except Exception as error:  # report, go on with the next config
-            common.log(phase="D_static", engine=f"ours_{name}",
+            common.log(phase="D_static", engine=f"ours_{name}{LABEL}",
                        error=f"{type(error).__name__}: {error}"[:1500])
     compare_all()
