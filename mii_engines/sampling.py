@@ -49,18 +49,44 @@ def row_params(params: Sequence[GenerateParamsConfig], vocab: int,
                      needs_sort=any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p))
 
 
+ARGMAX_CHUNK = 4096
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` for [rows, vocab], the same index (the first maximum), faster.
+
+    One thread block per row reads the whole vocabulary in torch's argmax: for a
+    128k vocabulary it took 27 us at 16 rows and 41 us at 64 on an H100. Here each
+    4096-token chunk is reduced by its own block, then the chunk maxima.
+    """
+    rows, vocab = logits.shape
+    if vocab < 4 * ARGMAX_CHUNK:
+        return logits.argmax(dim=-1)
+    main = vocab - vocab % ARGMAX_CHUNK
+    values, index = logits[:, :main].view(rows, main // ARGMAX_CHUNK, ARGMAX_CHUNK).max(dim=-1)
+    best = values.argmax(dim=-1, keepdim=True)  # the first chunk holding the maximum
+    chosen = index.gather(1, best)[:, 0] + best[:, 0] * ARGMAX_CHUNK
+    if main == vocab:
+        return chosen
+    tail_value, tail_index = logits[:, main:].max(dim=-1)
+    # Strictly greater: on a tie the earlier (main-part) index wins, as in argmax.
+    return torch.where(tail_value > values.gather(1, best)[:, 0], tail_index + main, chosen)
+
+
 def sample(logits: torch.Tensor, rows: RowParams, banned: Sequence[Optional[int]] = (),
            generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """One token per row of ``logits`` [rows, vocab], as a device tensor of int64.
 
     ``banned[i]`` is a token id row i may not produce yet (EOS before min_new_tokens).
     """
-    logits = logits.float()
     ban = [(row, token) for row, token in enumerate(banned) if token is not None]
+    if rows.sampled is None and not ban:  # all greedy: the argmax needs no float copy
+        return argmax_rows(logits)
+    logits = logits.float()
     if ban:
         index = to_device(ban, logits.device)
         logits[index[:, 0], index[:, 1]] = float("-inf")
-    chosen = logits.argmax(dim=-1)
+    chosen = argmax_rows(logits)
     if rows.sampled is None:
         return chosen
     scores = logits.index_select(0, rows.sampled) / rows.temperature

@@ -120,6 +120,22 @@ def test_sampler_greedy_rows_take_the_argmax_and_bans_hold():
     assert banned[0] != top[0] and banned[1:].tolist() == top[1:].tolist()
 
 
+@pytest.mark.parametrize("vocab", [100, 4 * 4096, 4 * 4096 + 77, 128256])
+def test_chunked_argmax_is_argmax_ties_included(vocab):
+    from mii_engines.sampling import argmax_rows
+
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(6, vocab, generator=generator).to(torch.bfloat16)
+    logits[1] = 0.0  # all tied: index 0
+    logits[2, [5, vocab - 1]] = 100.0  # tie across the first chunk and the tail
+    logits[3, vocab - 1] = 100.0  # the maximum in the tail
+    if vocab > 4 * 4096:
+        logits[4, [4096 * 2 + 3, 4096 * 3 + 1]] = 50.0  # tie across two chunks
+        logits[5, 4095:4097] = 70.0  # tie across a chunk border
+    assert torch.equal(argmax_rows(logits), logits.argmax(dim=-1))
+    assert torch.equal(argmax_rows(logits[:, :vocab - 3]), logits[:, :vocab - 3].argmax(dim=-1))
+
+
 def test_sampler_top_k_one_and_tiny_top_p_are_greedy_within_a_mixed_batch():
     logits = torch.randn(4, 50)
     params = [_params(do_sample=True, top_k=1), _params(do_sample=False),
@@ -261,11 +277,13 @@ def test_decode_attends_only_to_the_columns_in_use(tiny_model, plain):
 
 def test_compiled_decode_is_compiled_once_for_every_bucket_and_width(tiny_model):
     """torch_compile=True: one compilation of one decoder layer covers every layer and
-    every graph shape (start-up time), and the compiled step computes what the eager
-    one does. 16 rows = the tiny model's head_dim: the largest bucket, compiled first
+    every graph shape (start-up time), as does one of each of the layers' siblings, and
+    the compiled step computes what the eager one does. 16 rows = the tiny model's head_dim: the largest bucket, compiled first
     as in warm_up, must not be taken for the same size as the head_dim."""
     import torch._dynamo
     from torch._dynamo.utils import counters
+
+    from mii_engines.regional_compile import siblings
 
     loaded = _load(tiny_model)
     head_dim = loaded.model.config.hidden_size // loaded.model.config.num_attention_heads
@@ -286,7 +304,11 @@ def test_compiled_decode_is_compiled_once_for_every_bucket_and_width(tiny_model)
                 got = compiled._forward(bucket, width)
                 torch.testing.assert_close(got, eager._forward(bucket, width), rtol=1e-3,
                                            atol=1e-3)
-    assert counters["stats"]["unique_graphs"] == 1
+    # One compilation each: the decoder layer, the embedding, the final norm and the
+    # rotary tables (a recompilation for another bucket or width would add one).
+    assert [type(m).__name__ for m in siblings(loaded.model, loaded.model.model.layers)] == [
+        "Embedding", "LlamaRMSNorm", "LlamaRotaryEmbedding"]
+    assert counters["stats"]["unique_graphs"] == 4
     assert len(compiled.buckets()) * len(compiled.widths()) >= 4
 
 

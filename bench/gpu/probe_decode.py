@@ -12,6 +12,7 @@ with 128 new tokens — the "engine in-process" side of the served/in-process ra
 """
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -126,6 +127,39 @@ def profile_replays(state, variant):
         handle.write("\n".join(lines))
 
 
+def profile_loop(loaded, state, variant, result):
+    """The in-process Generator at 16 and 64 prompts under the profiler: how busy the GPU
+    is over the run (kernel time / wall) and the top kernels -> $OUT/loop_profile_*.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    lines = []
+    for n in sorted({min(n, MAX_ROWS) for n in (16, 64)}):
+        kind = ProfilerActivity.CUDA if DEVICE.startswith("cuda") else ProfilerActivity.CPU
+        with profile(activities=[kind]) as prof:
+            started = time.perf_counter()
+            generator_tok_s(loaded, state, n)
+            sync()
+            wall = time.perf_counter() - started
+        averages = prof.key_averages()
+        busy = sum(item.self_device_time_total for item in averages) / 1e6
+        result[f"loop_gpu_busy_frac_bs{n}"] = round(busy / wall, 3)
+        lines.append(f"== {variant} generator, {n} prompts: wall {wall * 1e3:.1f} ms, "
+                     f"kernels {busy * 1e3:.1f} ms")
+        lines.append(averages.table(sort_by="self_cuda_time_total", row_limit=30,
+                                    max_name_column_width=90))
+    with open(os.path.join(common.OUT, f"loop_profile_{variant}.txt"), "w") as handle:
+        handle.write("\n".join(lines))
+    if os.environ.get("PROBE_TRACE") == "1":  # host and GPU timeline, to find GPU idle gaps
+        activities = [ProfilerActivity.CPU] + (
+            [ProfilerActivity.CUDA] if DEVICE.startswith("cuda") else [])
+        with profile(activities=activities) as prof:
+            generator_tok_s(loaded, state, MAX_ROWS)
+            sync()
+        path = os.path.join(common.OUT, f"trace_{variant}_bs{MAX_ROWS}.json")
+        prof.export_chrome_trace(path)
+        subprocess.run(["gzip", "-f", path], check=False)
+
+
 def probe(variant):
     if DEVICE.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -160,6 +194,7 @@ def probe(variant):
                 generator_tok_s(loaded, state, n) for _ in range(3))  # as the served bench
     if state.use_graphs and os.environ.get("PROBE_PROFILE", "1") == "1":
         profile_replays(state, variant)
+        profile_loop(loaded, state, variant, result)
     if DEVICE.startswith("cuda"):
         result["max_allocated_mib"] = torch.cuda.max_memory_allocated() // 2**20
     common.log(**result)
