@@ -33,7 +33,7 @@ from mii_engines.attention import NAME as DECODE_ATTENTION, bind_slots
 from mii_engines.graph_capture import capture, doubling
 from mii_engines.host_copy import Staging, to_device
 from mii_engines.prefill_graphs import PrefillGraphs
-from mii_engines.regional_compile import RegionalCompile, repeated_blocks, siblings
+from mii_engines.regional_compile import RegionalCompile, repeated_blocks
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class StaticBatchState:
         if compile_decode:
             blocks = repeated_blocks(model) if self.attention_modules else None
             if blocks is not None:
-                self.regions = RegionalCompile(blocks, siblings(model, blocks))
+                self.regions = RegionalCompile(blocks)
             else:  # the whole step, with the cache object
                 self.attention_modules = None
                 self._forward = torch.compile(self._decode_forward, dynamic=True)

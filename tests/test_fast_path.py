@@ -277,13 +277,11 @@ def test_decode_attends_only_to_the_columns_in_use(tiny_model, plain):
 
 def test_compiled_decode_is_compiled_once_for_every_bucket_and_width(tiny_model):
     """torch_compile=True: one compilation of one decoder layer covers every layer and
-    every graph shape (start-up time), as does one of each of the layers' siblings, and
-    the compiled step computes what the eager one does. 16 rows = the tiny model's head_dim: the largest bucket, compiled first
+    every graph shape (start-up time), and the compiled step computes what the eager
+    one does. 16 rows = the tiny model's head_dim: the largest bucket, compiled first
     as in warm_up, must not be taken for the same size as the head_dim."""
     import torch._dynamo
     from torch._dynamo.utils import counters
-
-    from mii_engines.regional_compile import siblings
 
     loaded = _load(tiny_model)
     head_dim = loaded.model.config.hidden_size // loaded.model.config.num_attention_heads
@@ -304,11 +302,7 @@ def test_compiled_decode_is_compiled_once_for_every_bucket_and_width(tiny_model)
                 got = compiled._forward(bucket, width)
                 torch.testing.assert_close(got, eager._forward(bucket, width), rtol=1e-3,
                                            atol=1e-3)
-    # One compilation each: the decoder layer, the embedding, the final norm and the
-    # rotary tables (a recompilation for another bucket or width would add one).
-    assert [type(m).__name__ for m in siblings(loaded.model, loaded.model.model.layers)] == [
-        "Embedding", "LlamaRMSNorm", "LlamaRotaryEmbedding"]
-    assert counters["stats"]["unique_graphs"] == 4
+    assert counters["stats"]["unique_graphs"] == 1
     assert len(compiled.buckets()) * len(compiled.widths()) >= 4
 
 
