@@ -137,8 +137,9 @@ class ModelConfig(_Strict):
     """With ``kv_cache="static"`` on a GPU and tensor_parallel=1, replay decode steps
     from CUDA graphs. (mii extension)"""
     torch_compile: bool = False
-    """With ``kv_cache="static"`` and tensor_parallel=1, ``torch.compile`` the decode step
-    (fused kernels; the compilation is paid before the deployment is ready). (mii extension)"""
+    """With ``kv_cache="static"`` and tensor_parallel=1, ``torch.compile`` the decode step:
+    one decoder layer, compiled once for all layers (fused kernels; the compilation is
+    paid before the deployment is ready). (mii extension)"""
     max_batch_size: int = Field(64, gt=0)
     """Most requests generated together in one batch. (mii extension)"""
 
