@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.fx.experimental._config as shape_config
@@ -29,15 +29,16 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
-def repeated_blocks(model: nn.Module) -> Optional[nn.ModuleList]:
-    """The model's longest ``ModuleList`` of modules of one class (its decoder layers)."""
-    best: Optional[nn.ModuleList] = None
+def repeated_blocks(model: nn.Module, attention: Sequence[nn.Module]) -> Optional[nn.ModuleList]:
+    """The ``ModuleList`` of one class whose i-th block holds ``attention[i]``: the
+    decoder layers (not, say, a longer list of MoE experts)."""
     for module in model.modules():
-        if (isinstance(module, nn.ModuleList) and len(module) > 1
+        if (isinstance(module, nn.ModuleList) and len(module) == len(attention) > 1
                 and len({type(block) for block in module}) == 1
-                and (best is None or len(module) > len(best))):
-            best = module
-    return best
+                and all(any(inner is part for inner in block.modules())
+                        for block, part in zip(module, attention))):
+            return module
+    return None
 
 
 class RegionalCompile:

@@ -145,7 +145,8 @@ class StaticBatchState:
         self.warm_up_times: Dict[str, float] = {}  # what warm_up spent where (CUDA graphs)
         self.regions: Optional[RegionalCompile] = None
         if compile_decode:
-            blocks = repeated_blocks(model) if self.attention_modules else None
+            blocks = (repeated_blocks(model, self.attention_modules)
+                      if self.attention_modules else None)
             if blocks is not None:
                 self.regions = RegionalCompile(blocks)
             else:  # the whole step, with the cache object

@@ -202,6 +202,24 @@ def test_bucketed_prefill_fills_the_same_slots_as_the_eager_prefill(plain):
                                        eager.cache.values[layer][slot, :, :length])
 
 
+def test_regional_compile_picks_the_decoder_layers_not_a_longer_list():
+    from torch import nn
+
+    from mii_engines.regional_compile import repeated_blocks
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.Linear(2, 2)
+            self.experts = nn.ModuleList(nn.Linear(2, 2) for _ in range(5))  # longer
+
+    model = nn.Module()
+    model.layers = nn.ModuleList(Layer() for _ in range(3))
+    attention = [layer.attn for layer in model.layers]
+    assert repeated_blocks(model, attention) is model.layers
+    assert repeated_blocks(model, attention[:2]) is None  # no list matches layer for layer
+
+
 def test_prefill_row_buckets_double_to_8_then_step_by_8():
     from mii_engines.prefill_graphs import _row_buckets
 

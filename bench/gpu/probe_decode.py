@@ -170,7 +170,7 @@ def probe(variant):
         state = StaticBatchState(loaded.model, loaded.device, MAX_ROWS, MAX_LEN)
     else:
         if variant == "compiled_whole":  # the earlier way: the whole step compiled
-            static_state.repeated_blocks = lambda model: None
+            static_state.repeated_blocks = lambda model, attention: None
         if variant == "compiled_noper":  # reductions (softmax) as loops, not persistent
             import torch._inductor.config as inductor_config
 
