@@ -16,6 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from mii_engines.host_copy import to_device
+from mii_engines.masks import Mask, MaskRule
 
 
 # Padded prompt tokens (rows x longest prompt) admitted per step; a longer single prompt
@@ -53,6 +54,7 @@ class BatchState:
         # SDPA-style implementations take a boolean mask (ours is one, see attention.py).
         self.bool_mask = getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "mii_sdpa")
         self.dtype = next(model.parameters()).dtype
+        self.mask_rule = MaskRule(config)
         self.cache: Optional[DynamicCache] = None
         self.mask: Optional[torch.Tensor] = None  # [rows, columns] of 0/1
         self.positions: Optional[torch.Tensor] = None  # [rows] next position per row
@@ -71,20 +73,32 @@ class BatchState:
         return decoded, prefilled
 
     def _forward(self, ids: torch.Tensor, allowed: torch.Tensor, positions: torch.Tensor,
-                 cache: DynamicCache) -> torch.Tensor:
+                 cache: Any, key_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Last-position logits. ``key_positions`` default to ``positions`` (a prefill:
+        the keys are the queries)."""
         # We hand the model a ready 4D mask (transformers passes it through unchanged):
         # one mask rule for every model, no packed-sequence guessing from position_ids.
         columns = torch.arange(allowed.shape[-1] - ids.shape[1], allowed.shape[-1],
                                device=self.device)
-        out = self.model(input_ids=ids, attention_mask=self._mask_for_model(allowed),
-                         position_ids=positions, cache_position=columns, use_cache=True,
-                         logits_to_keep=1, **{self.cache_arg: cache})
+        mask = self._mask_for_model(allowed, positions,
+                                    positions if key_positions is None else key_positions)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         cache_position=columns, use_cache=True, logits_to_keep=1,
+                         **{self.cache_arg: cache})
         return out.logits[:, -1, :]
 
-    def _mask_for_model(self, allowed: torch.Tensor) -> torch.Tensor:
-        """Boolean [rows, 1, queries, keys] for SDPA-style attention, additive otherwise."""
+    def _mask_for_model(self, allowed: torch.Tensor, query_positions: torch.Tensor,
+                        key_positions: torch.Tensor) -> Mask:
+        """Boolean [rows, 1, queries, keys] for SDPA-style attention, additive otherwise;
+        per layer type where some layers see a sliding window (masks.py)."""
+        mask = self.mask_rule.build(allowed, query_positions, key_positions)
         if self.bool_mask:
-            return allowed
+            return mask
+        if isinstance(mask, dict):
+            return {kind: self._additive(part) for kind, part in mask.items()}
+        return self._additive(mask)
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
         return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(
             ~allowed, torch.finfo(self.dtype).min)
 
@@ -94,7 +108,8 @@ class BatchState:
         ones = torch.ones((self.rows, 1), dtype=self.mask.dtype, device=self.device)
         self.mask = torch.cat([self.mask, ones], dim=1)
         allowed = self.mask[:, None, None, :].bool()
-        logits = self._forward(ids, allowed, self.positions[:, None], self.cache)
+        keys = self.mask.cumsum(dim=1) - 1 if self.mask_rule.window else None  # positions
+        logits = self._forward(ids, allowed, self.positions[:, None], self.cache, keys)
         self.positions = self.positions + 1
         return logits
 

@@ -205,7 +205,8 @@ class StaticBatchState:
         with regions:
             out = self.model(input_ids=self.inputs[0, :bucket, None],
                              position_ids=positions[:, None],
-                             attention_mask=self.eager._mask_for_model(allowed),
+                             attention_mask=self.eager._mask_for_model(
+                                 allowed, positions[:, None], self.columns[None, :width]),
                              cache_position=positions[:1], use_cache=cache is not None,
                              logits_to_keep=1, **{self.eager.cache_arg: cache})
         return out.logits[:, -1, :]

@@ -1,0 +1,45 @@
+"""Attention masks for models whose layers look back only a window of tokens.
+
+mii hands the model a ready 4D mask, which transformers passes through unchanged, so
+a sliding window that the model would otherwise add to its own mask must be in ours:
+Mistral (every layer), Gemma 2/3, GPT-OSS, Qwen2 with ``use_sliding_window`` (some
+layers). A layer of type "sliding_attention" sees key positions in
+(query - window, query], as transformers' ``sliding_window_overlay``. Models with
+both layer types take a dict of masks keyed by layer type.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Union
+
+import torch
+
+KNOWN_LAYER_TYPES = {"full_attention", "sliding_attention"}
+Mask = Union[torch.Tensor, Dict[str, torch.Tensor]]
+
+
+class MaskRule:
+    """What a model's layers may attend to, read from its config."""
+
+    def __init__(self, config: Any) -> None:
+        types = list(getattr(config, "layer_types", None) or [])
+        unknown = sorted(set(types) - KNOWN_LAYER_TYPES)
+        if unknown:
+            raise ValueError(f"{type(config).__name__} has layers of type {unknown}; mii's "
+                             f"engines serve {sorted(KNOWN_LAYER_TYPES)} only")
+        window = getattr(config, "sliding_window", None)
+        sliding = isinstance(window, int) and window > 0 and (
+            not types or "sliding_attention" in types)
+        self.window: Optional[int] = window if sliding else None
+        self.mixed = sliding and "full_attention" in types
+
+    def build(self, allowed: torch.Tensor, query_positions: torch.Tensor,
+              key_positions: torch.Tensor) -> Mask:
+        """The model's mask from ``allowed`` [rows, 1, queries, keys] (causal + padding),
+        query positions [rows, queries] and key positions [rows or 1, keys]."""
+        if self.window is None:
+            return allowed
+        near = key_positions[:, None, None, :] > query_positions[:, None, :, None] - self.window
+        sliding = allowed & near
+        if self.mixed:
+            return {"full_attention": allowed, "sliding_attention": sliding}
+        return sliding
