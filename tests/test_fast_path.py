@@ -293,20 +293,15 @@ def test_decode_attends_only_to_the_columns_in_use(tiny_model, plain):
     assert 128 in seen and 256 in seen
 
 
-def test_compiled_decode_is_compiled_once_for_every_bucket_and_width(tiny_model):
-    """torch_compile=True: one compilation of one decoder layer covers every layer and
-    every graph shape (start-up time), and the compiled step computes what the eager
-    one does. 16 rows = the tiny model's head_dim: the largest bucket, compiled first
-    as in warm_up, must not be taken for the same size as the head_dim."""
+def compiled_matching_eager(loaded, max_rows: int):
+    """A compiled static state checked, bucket by width, against an eager one on the same
+    model; returns it and how many graphs torch.compile built."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    loaded = _load(tiny_model)
-    head_dim = loaded.model.config.hidden_size // loaded.model.config.num_attention_heads
-    compiled = make_state(loaded, "static", max_rows=head_dim, cuda_graphs=True, world_size=1,
+    compiled = make_state(loaded, "static", max_rows=max_rows, cuda_graphs=True, world_size=1,
                           compile_decode=True)
-    assert compiled.regions is not None and loaded.model.config.num_hidden_layers > 1
-    eager = StaticBatchState(loaded.model, loaded.device, max_rows=head_dim,
+    eager = StaticBatchState(loaded.model, loaded.device, max_rows=max_rows,
                              max_len=compiled.max_len)
     prompts = [loaded.tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
     torch._dynamo.reset()
@@ -315,12 +310,23 @@ def test_compiled_decode_is_compiled_once_for_every_bucket_and_width(tiny_model)
         for state in (compiled, eager):
             state._prefill(prompts)
             state.inputs[1, :3] = torch.tensor(state.lengths)
-        for bucket in sorted(compiled.buckets(), reverse=True):
+        for bucket in sorted(compiled.buckets(), reverse=True):  # largest first, as warm_up
             for width in compiled.widths():
-                got = compiled._forward(bucket, width)
-                torch.testing.assert_close(got, eager._forward(bucket, width), rtol=1e-3,
-                                           atol=1e-3)
-    assert counters["stats"]["unique_graphs"] == 1
+                torch.testing.assert_close(compiled._forward(bucket, width),
+                                           eager._forward(bucket, width), rtol=1e-3, atol=1e-3)
+    return compiled, counters["stats"]["unique_graphs"]
+
+
+def test_compiled_decode_is_compiled_once_for_every_bucket_and_width(tiny_model):
+    """torch_compile=True: one compilation of one decoder layer covers every layer and
+    every graph shape (start-up time), and the compiled step computes what the eager
+    one does. 16 rows = the tiny model's head_dim: the largest bucket, compiled first
+    as in warm_up, must not be taken for the same size as the head_dim."""
+    loaded = _load(tiny_model)
+    head_dim = loaded.model.config.hidden_size // loaded.model.config.num_attention_heads
+    compiled, graphs = compiled_matching_eager(loaded, max_rows=head_dim)
+    assert compiled.regions is not None and loaded.model.config.num_hidden_layers > 1
+    assert graphs == 1
     assert len(compiled.buckets()) * len(compiled.widths()) >= 4
 
 

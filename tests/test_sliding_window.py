@@ -16,6 +16,7 @@ from mii_engines.masks import MaskRule
 from mii_engines.static_state import StaticBatchState, make_state
 from mii_engines.transformers_engine import TransformersEngine
 
+from test_fast_path import compiled_matching_eager
 from test_generation import GREEDY, PROMPTS, run
 
 CPU = RankInfo(replica=0, rank=0, world_size=1, local_rank=0, device="cpu", dist_port=0)
@@ -110,20 +111,5 @@ def test_unknown_layer_types_are_refused_by_name():
 def test_compiled_decode_of_a_sliding_model_matches_eager(sliding_model):
     """One compiled layer serves full and sliding layers alike (the window is in the
     mask each layer is handed), with the eager step's logits."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    compiled = make_state(sliding_model, "static", 16, True, 1, compile_decode=True)
-    eager = StaticBatchState(sliding_model.model, sliding_model.device, 16, compiled.max_len)
-    prompts = [sliding_model.tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
-    torch._dynamo.reset()
-    counters.clear()
-    with torch.inference_mode():
-        for state in (compiled, eager):
-            state._prefill(prompts)
-            state.inputs[1, :3] = torch.tensor(state.lengths)
-        for bucket in sorted(compiled.buckets(), reverse=True):
-            for width in compiled.widths():
-                torch.testing.assert_close(compiled._forward(bucket, width),
-                                           eager._forward(bucket, width), rtol=1e-3, atol=1e-3)
-    assert compiled.regions is not None and counters["stats"]["unique_graphs"] == 1
+    compiled, graphs = compiled_matching_eager(sliding_model, max_rows=16)
+    assert compiled.regions is not None and graphs == 1
