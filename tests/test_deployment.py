@@ -271,7 +271,10 @@ def test_ctrl_c_of_the_caller_does_not_stop_the_deployment(tiny_model, free_port
     import subprocess
 
     # Like a terminal: SIGINT to the caller's whole process group (a shell may have ignored it).
-    script = (f"import mii, signal, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    # SIGUSR1 makes the caller print every thread's stack: what it waits on if it hangs.
+    script = (f"import faulthandler, mii, signal, time\n"
+              "faulthandler.register(signal.SIGUSR1, all_threads=True)\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
               f"mii.serve({tiny_model!r}, deployment_name='sigint', "
               f"port_number={free_port}, engine='transformers')\nprint('up', flush=True)\n"
               "time.sleep(60)\n")
@@ -280,7 +283,12 @@ def test_ctrl_c_of_the_caller_does_not_stop_the_deployment(tiny_model, free_port
     try:
         assert proc.stdout.readline().strip() == "up"
         os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=30)  # the caller itself ends (slowly under a loaded CI machine)
+        try:
+            proc.wait(timeout=30)  # the caller itself ends (slowly under a loaded CI machine)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # the stacks land in the captured stderr
+            time.sleep(1)
+            raise
         client = mii.client("sigint")
         assert client("DeepSpeed is", max_new_tokens=3)[0].generated_length == 3
         client.terminate_server()
