@@ -36,6 +36,8 @@ def grouped_decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor
     rows, heads, queries, dim = query.shape
     kv_heads = key.shape[1]
     slot_keys = getattr(module, "mii_keys", None)
+    if slot_keys is None and queries > 1:  # a prefill: what the static state's check compares
+        module.mii_attended = (*key.shape[1::2], *value.shape[1::2])
     # A decode step without a cache object: one new key, a mask over the slot's columns.
     # (A one-token prompt prefilled eagerly also has one key, but a one-column mask.)
     if (slot_keys is not None and queries == 1 and attention_mask is not None

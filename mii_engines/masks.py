@@ -17,10 +17,19 @@ KNOWN_LAYER_TYPES = {"full_attention", "sliding_attention"}
 Mask = Union[torch.Tensor, Dict[str, torch.Tensor]]
 
 
+def text_config(config: Any) -> Any:
+    """The language model's part of ``config`` (itself for a plain causal LM)."""
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
 class MaskRule:
     """What a model's layers may attend to, read from its config."""
 
     def __init__(self, config: Any) -> None:
+        # A multimodal wrapper (Gemma 3 from 4B up loads as ...ForConditionalGeneration)
+        # keeps the language model's settings in its text config.
+        config = text_config(config)
         types = list(getattr(config, "layer_types", None) or [])
         unknown = sorted(set(types) - KNOWN_LAYER_TYPES)
         if unknown:

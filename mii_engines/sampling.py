@@ -69,8 +69,10 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     if main == vocab:
         return chosen
     tail_value, tail_index = logits[:, main:].max(dim=-1)
-    # Strictly greater: on a tie the earlier (main-part) index wins, as in argmax.
-    return torch.where(tail_value > values.gather(1, best)[:, 0], tail_index + main, chosen)
+    # Strictly greater: on a tie the earlier (main-part) index wins, as in argmax. A NaN
+    # counts as the maximum, as in argmax (max already returns a NaN's index).
+    later = (tail_value > values.gather(1, best)[:, 0]) | tail_value.isnan()
+    return torch.where(later & ~values.isnan().any(dim=-1), tail_index + main, chosen)
 
 
 def sample(logits: torch.Tensor, rows: RowParams, banned: Sequence[Optional[int]] = (),

@@ -22,6 +22,7 @@ batching loop does not care which one runs. Differences:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import nullcontext
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -32,6 +33,7 @@ from mii_engines.batch_state import PREFILL_TOKENS_PER_STEP, BatchState, left_pa
 from mii_engines.attention import NAME as DECODE_ATTENTION, bind_slots
 from mii_engines.graph_capture import capture, doubling
 from mii_engines.host_copy import Staging, to_device
+from mii_engines.masks import text_config
 from mii_engines.prefill_graphs import PrefillGraphs
 from mii_engines.regional_compile import RegionalCompile, repeated_blocks
 
@@ -69,17 +71,18 @@ class SlotCache:
         """Unused: mii always passes cache_position and a 4D mask."""
         return 0
 
-    def _allocate(self, like: torch.Tensor) -> None:
-        _, heads, _, dim = like.shape
-        shape = (self.max_rows, heads, slot_width(self.max_len), dim)
-        if not self.keys and like.device.type == "cuda":
-            self._check_fits(shape, like)
-        self.keys.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
-        self.values.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
+    def _allocate(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        # Keys and values may differ in head size (DeepSeek-V3's attention).
+        shapes = [(self.max_rows, like.shape[1], slot_width(self.max_len), like.shape[3])
+                  for like in (keys, values)]
+        if not self.keys and keys.device.type == "cuda":
+            self._check_fits(shapes, keys)
+        self.keys.append(torch.zeros(shapes[0], dtype=keys.dtype, device=keys.device))
+        self.values.append(torch.zeros(shapes[1], dtype=values.dtype, device=values.device))
 
-    def _check_fits(self, shape: Tuple[int, ...], like: torch.Tensor) -> None:
+    def _check_fits(self, shapes: List[Tuple[int, ...]], like: torch.Tensor) -> None:
         """Refuse, naming the settings, a cache that cannot fit (instead of an OOM later)."""
-        per_layer = 2 * like.element_size() * shape[0] * shape[1] * shape[2] * shape[3]
+        per_layer = like.element_size() * sum(math.prod(shape) for shape in shapes)
         needed = per_layer * self.layers
         free, _ = torch.cuda.mem_get_info(like.device)
         reserve = 2 * 2**30  # activations and the CUDA graphs' memory pools
@@ -95,7 +98,7 @@ class SlotCache:
                *args: Any, **kwargs: Any) -> Tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys/values; return what this step's queries attend to."""
         if layer_idx == len(self.keys):  # shapes known only now (a TP rank holds a shard)
-            self._allocate(key_states)
+            self._allocate(key_states, value_states)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if self.prefill_to is not None:  # fresh rows attend only to their own prompt
             slots, columns = self.prefill_to
@@ -129,7 +132,8 @@ class StaticBatchState:
         # Decode inputs: row 0 the tokens, row 1 the columns they go to (= positions).
         self.inputs = torch.zeros((2, max_rows), dtype=torch.long, device=device)
         self.staging = Staging((2, max_rows), device)
-        layers = getattr(getattr(model, "config", None), "num_hidden_layers", 1)
+        config = text_config(getattr(model, "config", None))
+        layers = getattr(config, "num_hidden_layers", 1)
         self.cache = SlotCache(max_rows, max_len, self.inputs[1], layers)
         self.columns = torch.arange(slot_width(max_len), device=device)
         self.narrow = getattr(getattr(model, "config", None), "_attn_implementation",
@@ -218,6 +222,12 @@ class StaticBatchState:
         modules = self.attention_modules
         if not modules or len(self.cache.keys) != len(modules):
             return False
+        fits = self._slots_are_what_attention_reads(modules)
+        if fits is None:  # only one-token prompts so far: decide after a longer one
+            return False
+        if not fits:
+            self._decode_through_the_cache()
+            return False
         if getattr(modules[0], "mii_keys", None) is not self.cache.keys[0]:
             for module, keys, values in zip(modules, self.cache.keys, self.cache.values):
                 if self.regions:  # fixed for the state's life: no symbols to guard on
@@ -225,6 +235,25 @@ class StaticBatchState:
                     torch._dynamo.mark_static(values)
                 bind_slots(module, keys, values, self.cache.write_pos, self.cache.row_index)
         return True
+
+    def _slots_are_what_attention_reads(self, modules: List[Any]) -> Optional[bool]:
+        """Whether each layer caches the keys/values its attention function attends over
+        (heads and sizes seen in a prefill; None before one of 2+ tokens). Not so for
+        DeepSeek's latent attention: it caches compressed latents and expands them."""
+        seen = [getattr(module, "mii_attended", None) for module in modules]
+        if None in seen:
+            return None
+        return all(shape == (*keys.shape[1::2], *values.shape[1::2])
+                   for shape, keys, values in zip(seen, self.cache.keys, self.cache.values))
+
+    def _decode_through_the_cache(self) -> None:
+        log.info("decode steps go through the cache object: %s caches something other than "
+                 "what its attention reads", type(self.model).__name__)
+        self.attention_modules = None
+        if self.regions is not None:  # its layers would read layer_idx: compile the step
+            self.regions.undo()
+            self.regions = None
+            self._forward = torch.compile(self._decode_forward, dynamic=True)
 
     def buckets(self) -> List[int]:
         """Row counts that get their own CUDA graph: powers of two, then max_rows.
@@ -352,7 +381,7 @@ def fitting_length(bytes_per_token: int, rows: int, free_bytes: int, context: in
 
 
 def _bytes_per_token(model: Any) -> int:
-    config = model.config
+    config = text_config(model.config)
     heads = getattr(config, "num_attention_heads")
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

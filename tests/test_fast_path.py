@@ -134,6 +134,10 @@ def test_chunked_argmax_is_argmax_ties_included(vocab):
         logits[5, 4095:4097] = 70.0  # tie across a chunk border
     assert torch.equal(argmax_rows(logits), logits.argmax(dim=-1))
     assert torch.equal(argmax_rows(logits[:, :vocab - 3]), logits[:, :vocab - 3].argmax(dim=-1))
+    logits[0, vocab - 2] = float("nan")  # a NaN wins, as in argmax: in the tail,
+    logits[1, 7] = float("nan")  # in the first chunk,
+    logits[2, [7, vocab - 2]] = float("nan")  # in both (the first one wins)
+    assert torch.equal(argmax_rows(logits), logits.argmax(dim=-1))
 
 
 def test_sampler_top_k_one_and_tiny_top_p_are_greedy_within_a_mixed_batch():
@@ -200,6 +204,46 @@ def test_bucketed_prefill_fills_the_same_slots_as_the_eager_prefill(plain):
                                        eager.cache.keys[layer][slot, :, :length])
             torch.testing.assert_close(bucketed.cache.values[layer][slot, :, :length],
                                        eager.cache.values[layer][slot, :, :length])
+
+
+@pytest.mark.parametrize("compile_decode", [False, True])
+def test_a_model_caching_latents_decodes_through_the_cache_object(compile_decode):
+    """DeepSeek-V3's attention caches compressed latents (one "head", keys and values of
+    different sizes) and expands them before attending: the attention modules' slots
+    would hold the wrong thing, so decode steps go through the cache object (and a
+    compiled step is the whole step), with the dynamic cache's logits."""
+    import random
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mii_engines.attention import use_grouped_decode_attention
+    from mii_engines.batch_state import BatchState, StepPlan
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "deepseek_v3", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=300,
+        max_position_embeddings=256, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        kv_lora_rank=32, q_lora_rank=None, n_routed_experts=4, num_experts_per_tok=2,
+        n_group=1, topk_group=1, first_k_dense_replace=1, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    assert use_grouped_decode_attention(model)
+    static = StaticBatchState(model, torch.device("cpu"), 4, 64, compile_decode=compile_decode)
+    dynamic = BatchState(model, torch.device("cpu"))
+    draw = random.Random(0)
+    with torch.inference_mode():
+        plan = StepPlan(prefill=[[draw.randrange(3, 300) for _ in range(n)] for n in (7, 1, 12)])
+        for step in range(7):
+            got, expected = static.apply(plan), dynamic.apply(plan)
+            for mine, theirs in zip(got, expected):
+                if theirs is not None:
+                    torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+            rows = 2 if step >= 3 else 3
+            plan = StepPlan(keep=[0, 2] if step == 3 else None,
+                            decode=[draw.randrange(3, 300) for _ in range(rows)])
+    assert static.attention_modules is None and static.regions is None
+    assert tuple(static.cache.keys[0].shape[1::2]) != tuple(static.cache.values[0].shape[1::2])
 
 
 def test_regional_compile_picks_the_decoder_layers_not_a_longer_list():

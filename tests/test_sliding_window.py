@@ -100,6 +100,19 @@ def test_both_batch_states_give_transformers_tokens(sliding_model, monkeypatch):
                                                sliding_model.device)) != expected
 
 
+def test_a_multimodal_wrapper_s_window_is_read_from_its_text_config():
+    """Gemma 3 from 4B up loads as Gemma3ForConditionalGeneration, whose config keeps the
+    window and the layer types in text_config."""
+    from transformers import Gemma3Config
+
+    config = Gemma3Config(text_config=dict(
+        num_hidden_layers=2, sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"]))
+    assert getattr(config, "sliding_window", None) is None  # not at the top level
+    rule = MaskRule(config)
+    assert rule.window == WINDOW and rule.mixed
+
+
 def test_unknown_layer_types_are_refused_by_name():
     from types import SimpleNamespace
 

@@ -4,8 +4,9 @@
 
 Variants: plain (graphs), fused (q/k/v + gate/up fused, graphs), compiled (fused +
 one torch.compiled decoder layer for all layers, graphs), compiled_whole (fused + the
-whole decode step compiled, as before regional compilation), compiled_noper (compiled,
-with inductor's persistent reductions off). For each: warm-up seconds, GPU time of one graph replay per
+whole decode step compiled, as before regional compilation). Variants that compile
+share torch.compile's cache within the process: give each its own process (run.sh
+phase) when comparing compile times. For each: warm-up seconds, GPU time of one graph replay per
 bucket (CUDA events), the step time of the loop's own work (replay + batched sampler +
 one host sync), and the in-process Generator's tok/s for 1/16/64 prompts of 128 tokens
 with 128 new tokens — the "engine in-process" side of the served/in-process ratio.
@@ -169,14 +170,14 @@ def probe(variant):
 
         state = StaticBatchState(loaded.model, loaded.device, MAX_ROWS, MAX_LEN)
     else:
+        regional = static_state.repeated_blocks
         if variant == "compiled_whole":  # the earlier way: the whole step compiled
             static_state.repeated_blocks = lambda model, attention: None
-        if variant == "compiled_noper":  # reductions (softmax) as loops, not persistent
-            import torch._inductor.config as inductor_config
-
-            inductor_config.triton.persistent_reductions = False
-        state = make_state(loaded, "static", MAX_ROWS, True, 1,
-                           compile_decode=variant.startswith("compiled"))
+        try:
+            state = make_state(loaded, "static", MAX_ROWS, True, 1,
+                               compile_decode=variant.startswith("compiled"))
+        finally:  # later variants in this process compile regionally again
+            static_state.repeated_blocks = regional
     warm = state.warm_up()
     result = dict(phase="P_probe", variant=variant, warm_up_s=round(warm, 1),
                   regional=state.regions is not None, **state.warm_up_times)
