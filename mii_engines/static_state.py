@@ -144,6 +144,7 @@ class StaticBatchState:
         # Decode through the attention modules' own slots (no cache object), if every
         # layer's attention module can be found.
         self.attention_modules = (attention_modules(model, layers) if self.narrow else None)
+        self._slots_fit: Optional[bool] = None  # see _slots_are_what_attention_reads
         self._forward = self._decode_forward
         self.compiled = compile_decode
         self.warm_up_times: Dict[str, float] = {}  # what warm_up spent where (CUDA graphs)
@@ -222,12 +223,13 @@ class StaticBatchState:
         modules = self.attention_modules
         if not modules or len(self.cache.keys) != len(modules):
             return False
-        fits = self._slots_are_what_attention_reads(modules)
-        if fits is None:  # only one-token prompts so far: decide after a longer one
-            return False
-        if not fits:
-            self._decode_through_the_cache()
-            return False
+        if self._slots_fit is None:  # decided once, after a prefill of 2+ tokens
+            self._slots_fit = self._slots_are_what_attention_reads(modules)
+            if self._slots_fit is None:
+                return False
+            if not self._slots_fit:
+                self._decode_through_the_cache()
+                return False
         if getattr(modules[0], "mii_keys", None) is not self.cache.keys[0]:
             for module, keys, values in zip(modules, self.cache.keys, self.cache.values):
                 if self.regions:  # fixed for the state's life: no symbols to guard on
