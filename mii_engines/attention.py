@@ -42,11 +42,8 @@ def grouped_decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor
     # (A one-token prompt prefilled eagerly also has one key, but a one-column mask.)
     if (slot_keys is not None and queries == 1 and attention_mask is not None
             and attention_mask.shape[-1] > key.shape[2]):
-        index, columns = module.mii_rows[:rows], module.mii_write_pos[:rows]
-        slot_values = module.mii_values
-        slot_keys[index, :, columns, :] = key[:, :, 0, :]
-        slot_values[index, :, columns, :] = value[:, :, 0, :]
-        key, value = slot_keys[:rows], slot_values[:rows]
+        key, value = write_step(slot_keys, module.mii_values, key, value,
+                                module.mii_rows[:rows], module.mii_write_pos[:rows])
     if queries == 1 and attention_mask is not None:
         # The slot cache hands over whole slots; the mask says how many columns matter.
         # Sliced unconditionally (a no-op at full width): a shape test here would make
@@ -67,6 +64,16 @@ def grouped_decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
     out = torch.matmul(probs, value)
     return out.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+def write_step(keys: torch.Tensor, values: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               index: torch.Tensor, columns: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Write a decode step's key/value [rows, heads, 1, dim] into the slots ``index`` at
+    ``columns``; return the rows' slots, which that step attends over."""
+    keys[index, :, columns, :] = key[:, :, 0, :]
+    values[index, :, columns, :] = value[:, :, 0, :]
+    rows = key.shape[0]
+    return keys[:rows], values[:rows]
 
 
 def use_grouped_decode_attention(model: Any) -> bool:

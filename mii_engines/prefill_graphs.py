@@ -12,7 +12,7 @@ and the first slot. Padding rows (length 0) write only the scratch column of a s
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -40,6 +40,30 @@ def _row_buckets(max_rows: int) -> List[int]:
     tokens on, so padding 20 rows to 32 would cost 60 % more than 24."""
     sizes = [r for r in (1, 2, 4) if r < max_rows] + list(range(8, max_rows, 8))
     return sizes + [max_rows]
+
+
+def prefill_into_slots(state: Any, ids: torch.Tensor, lengths: torch.Tensor,
+                       start: Union[int, torch.Tensor]) -> torch.Tensor:
+    """Prefill left-padded ``ids`` [rows, width] into the slots from ``start`` on; the
+    mask, positions and slot columns are computed on the device from each row's length
+    (0 for a padding row), so a captured graph replays it for any prompts."""
+    rows, width = ids.shape
+    device = state.device
+    column = torch.arange(width, device=device)
+    pad = width - lengths[:, None]  # [rows, 1]
+    valid = column[None, :] >= pad  # [rows, width]: key columns holding prompt tokens
+    causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
+    # A padding query attends to itself, or its output is NaN and poisons the layers above.
+    allowed = (causal[None] & valid[:, None, :]) | torch.eye(width, dtype=torch.bool,
+                                                              device=device)[None]
+    positions = (column[None, :] - pad).clamp(min=0)
+    columns = torch.where(valid, column[None, :] - pad, state.max_len)  # padding -> scratch
+    slots = (start + torch.arange(rows, device=device)).clamp(max=state.max_rows - 1)
+    state.cache.prefill_to = (slots[:, None], columns)
+    try:
+        return state.eager._forward(ids, allowed[:, None], positions, state.cache)
+    finally:
+        state.cache.prefill_to = None
 
 
 class PrefillGraphs:
@@ -72,23 +96,8 @@ class PrefillGraphs:
         return min(fits, key=lambda shape: shape[0] * shape[1]) if fits else None
 
     def _forward(self, rows: int, width: int) -> torch.Tensor:
-        state = self.state
-        lengths, device = self.lengths[:rows], state.device
-        column = torch.arange(width, device=device)
-        pad = width - lengths[:, None]  # [rows, 1]
-        valid = column[None, :] >= pad  # [rows, width]: key columns holding prompt tokens
-        causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
-        allowed = (causal[None] & valid[:, None, :]) | torch.eye(width, dtype=torch.bool,
-                                                                  device=device)[None]
-        positions = (column[None, :] - pad).clamp(min=0)
-        columns = torch.where(valid, column[None, :] - pad, state.max_len)  # padding -> scratch
-        slots = (self.start + torch.arange(rows, device=device)).clamp(max=state.max_rows - 1)
-        state.cache.prefill_to = (slots[:, None], columns)
-        try:
-            return state.eager._forward(self.ids[:rows, -width:], allowed[:, None], positions,
-                                        state.cache)
-        finally:
-            state.cache.prefill_to = None
+        return prefill_into_slots(self.state, self.ids[:rows, -width:], self.lengths[:rows],
+                                  self.start)
 
     def capture_all(self, pool: Any) -> int:
         """Capture every bucket, largest first (so smaller ones reuse its pool memory)."""

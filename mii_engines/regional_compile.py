@@ -59,8 +59,7 @@ class RegionalCompile:
 
     def _forward(self, block: nn.Module, eager: Any, *args: Any, **kwargs: Any) -> Any:
         if self.active:
-            with shape_config.patch(use_duck_shape=False):
-                return self._compiled(block, *args, **kwargs)
+            return self._compiled(block, *args, **kwargs)
         return eager(*args, **kwargs)
 
     def undo(self) -> None:
@@ -70,9 +69,10 @@ class RegionalCompile:
 
     @contextmanager
     def compiled(self) -> Iterator[None]:
-        """Blocks called inside run compiled."""
+        """Blocks called inside run compiled (duck shaping off, for every layer at once)."""
         self.active = True
         try:
-            yield
+            with shape_config.patch(use_duck_shape=False):
+                yield
         finally:
             self.active = False

@@ -30,11 +30,11 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from mii_engines.batch_state import PREFILL_TOKENS_PER_STEP, BatchState, left_padded
-from mii_engines.attention import NAME as DECODE_ATTENTION, bind_slots
+from mii_engines.attention import NAME as DECODE_ATTENTION, bind_slots, write_step
 from mii_engines.graph_capture import capture, doubling
 from mii_engines.host_copy import Staging, to_device
 from mii_engines.masks import text_config
-from mii_engines.prefill_graphs import PrefillGraphs
+from mii_engines.prefill_graphs import PrefillGraphs, prefill_into_slots
 from mii_engines.regional_compile import RegionalCompile, repeated_blocks
 
 log = logging.getLogger(__name__)
@@ -106,10 +106,8 @@ class SlotCache:
             values[slots, :, columns] = value_states.transpose(1, 2)
             return key_states, value_states
         rows = key_states.shape[0]
-        index, columns = self.row_index[:rows], self.write_pos[:rows]
-        keys[index, :, columns, :] = key_states[:, :, 0, :]
-        values[index, :, columns, :] = value_states[:, :, 0, :]
-        return keys[:rows], values[:rows]
+        return write_step(keys, values, key_states, value_states, self.row_index[:rows],
+                          self.write_pos[:rows])
 
 
 class StaticBatchState:
@@ -334,17 +332,9 @@ class StaticBatchState:
             if logits is not None:
                 self.lengths += lengths
                 return logits
-        ids, _, positions, allowed = left_padded(prompts, self.device)
-        width = ids.shape[1]
-        pad = to_device([width - n for n in lengths], self.device)
-        columns = torch.arange(width, device=self.device)[None, :] - pad[:, None]
-        columns = columns.masked_fill(columns < 0, self.max_len)  # padding -> scratch column
-        slots = torch.arange(self.rows, self.rows + len(prompts), device=self.device)[:, None]
-        self.cache.prefill_to = (slots, columns)
-        try:
-            logits = self.eager._forward(ids, allowed[:, None], positions, self.cache)
-        finally:
-            self.cache.prefill_to = None
+        # The graphs' computation at the prompts' own shape (no bucket holds them).
+        ids = left_padded(prompts, self.device)[0]
+        logits = prefill_into_slots(self, ids, to_device(lengths, self.device), self.rows)
         self.lengths += lengths
         return logits
 
