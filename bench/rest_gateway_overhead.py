@@ -23,10 +23,9 @@ from pathlib import Path
 import httpx
 
 import mii
-from mii.testing.tiny_model import ensure_tiny_model
-from mii_core.ports import free_port
-
 from bench.serving_overhead import PARAMS, PROMPT, _timed  # same request, same timing
+from mii.testing.tiny_model import ensure_tiny_model
+from mii_core.deploy.ports import free_port
 
 
 def _summary(latencies: list[float]) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import mii
 from mii.testing.tiny_model import ensure_tiny_model
-from mii_core.ports import free_port
+from mii_core.deploy.ports import free_port
 
 PROMPT = "DeepSpeed is"
 PARAMS = dict(do_sample=False, max_new_tokens=8, ignore_eos=True)
@@ -54,7 +54,7 @@ def _timed(call, requests: int) -> list[float]:
 
 def served_latencies(model: str, requests: int) -> tuple[list[float], list[float], str]:
     """Sequential requests through the load balancer, then straight to the replica."""
-    from mii_core import registry
+    from mii_core.deploy import registry
 
     client = mii.serve(model, deployment_name="bench-overhead", port_number=free_port())
     try:
@@ -70,14 +70,13 @@ def served_latencies(model: str, requests: int) -> tuple[list[float], list[float
 
 def in_process_latencies(model: str, requests: int) -> list[float]:
     """The same requests submitted to the engine loop in this process."""
-    from mii_core.config import GenerateParamsConfig, ModelConfig
-    from mii_core.interfaces import RankInfo
-    from mii_engines.generator import Generator
-    from mii_engines.transformers_engine import TransformersEngine
-
     import torch
 
-    from mii_core.launcher import threads_per_rank
+    from mii_core.config.models import GenerateParamsConfig, ModelConfig
+    from mii_core.control.launcher import threads_per_rank
+    from mii_core.plugins.interfaces import RankInfo
+    from mii_engines.runtime.loop import Generator
+    from mii_engines.transformers.engine import TransformersEngine
 
     torch.set_num_threads(threads_per_rank(1))  # the same policy a served replica gets
     rank = RankInfo(replica=0, rank=0, world_size=1, local_rank=0, device="cpu", dist_port=0)

@@ -24,8 +24,8 @@ import psutil
 
 import mii
 from mii.testing.tiny_model import ensure_tiny_model
-from mii_core import registry
-from mii_core.ports import free_port
+from mii_core.deploy import registry
+from mii_core.deploy.ports import free_port
 
 PROMPTS = ["DeepSpeed is", "Seattle is", "The weather today", "Computers can", "The sea"]
 

@@ -4,14 +4,13 @@
     client(["DeepSpeed is", "Seattle is"], max_new_tokens=128)
     mii.client("path/or/hub-name").terminate_server()
 """
-from mii_core.client import MIIClient
-from mii_core.config import GenerateParamsConfig, MIIConfig, ModelConfig
-from mii_core.constants import DeploymentType, GenerationFinishReason, TaskType
-from mii_core.deploy import client, serve
-from mii_core.plugins import hookimpl
-from mii_core.response import Response
-
 from mii import errors
+from mii_core.api.client import MIIClient
+from mii_core.api.response import Response
+from mii_core.api.serve import client, serve
+from mii_core.config.models import GenerateParamsConfig, MIIConfig, ModelConfig
+from mii_core.constants import DeploymentType, GenerationFinishReason, TaskType
+from mii_core.plugins.discovery import hookimpl
 
 __all__ = ["serve", "client", "MIIClient", "ModelConfig", "MIIConfig", "GenerateParamsConfig",
            "TaskType", "DeploymentType", "GenerationFinishReason", "Response", "hookimpl",

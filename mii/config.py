@@ -1,6 +1,11 @@
 """Configuration models (``mii.config.ModelConfig`` etc., as in DeepSpeed-MII)."""
-from mii_core.config import (GenerateParamsConfig, MIIConfig, ModelConfig, ReplicaConfig,
-                             default_deployment_name)
+from mii_core.config.models import (
+                             GenerateParamsConfig,
+                             MIIConfig,
+                             ModelConfig,
+                             ReplicaConfig,
+                             default_deployment_name,
+)
 
 __all__ = ["ModelConfig", "MIIConfig", "GenerateParamsConfig", "ReplicaConfig",
            "default_deployment_name"]

@@ -6,9 +6,17 @@ An engine is a class with ``name``, ``setup_distributed(rank)`` and
 under the ``mii.engines`` / ``mii.schedulers`` entry-point groups; hook
 implementations go under ``mii.plugins``. See docs/plugins.md.
 """
-from mii_core.interfaces import (Engine, GenerationService, LoadedModel, RankInfo, RequestInfo,
-                                 Scheduler, TokenEvent, Transport)
-from mii_core.plugins import PluginInfo, discover, hookimpl
+from mii_core.plugins.discovery import PluginInfo, discover, hookimpl
+from mii_core.plugins.interfaces import (
+                                 Engine,
+                                 GenerationService,
+                                 LoadedModel,
+                                 RankInfo,
+                                 RequestInfo,
+                                 Scheduler,
+                                 TokenEvent,
+                                 Transport,
+)
 
 __all__ = ["hookimpl", "Engine", "Scheduler", "Transport", "GenerationService", "LoadedModel",
            "RankInfo", "RequestInfo", "TokenEvent", "PluginInfo", "discover"]

@@ -16,9 +16,10 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
-from mii_core import deploy, logs, registry
+from mii_core.api import serve as deploy
+from mii_core.deploy import logs, registry
 from mii_core.errors import MIIError
-from mii_core.plugins import discover, plugin_manager
+from mii_core.plugins.discovery import discover, plugin_manager
 
 
 def _pairs(items: List[str]) -> Dict[str, Any]:

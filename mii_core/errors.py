@@ -1,7 +1,7 @@
 """Every error mii raises, each saying what went wrong and what to do next.
 
 Errors that cross the wire carry their class name in gRPC trailing metadata so
-that the client raises the same class (see ``mii_transport.status``).
+that the client raises the same class (see ``mii_transport.grpc.status``).
 """
 from __future__ import annotations
 

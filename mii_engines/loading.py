@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from mii_core.config import ModelConfig
+from mii_core.config.models import ModelConfig
 from mii_core.errors import ConfigError
-from mii_core.interfaces import RankInfo
+from mii_core.plugins.interfaces import RankInfo
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,

@@ -44,7 +44,7 @@ def our_processes() -> Dict[int, str]:
 
 def kill_deployment(name: str) -> None:
     """Cleanup after a failed test: SIGKILL the processes of deployment ``name`` only."""
-    from mii_core import registry
+    from mii_core.deploy import registry
 
     record = str(registry.record_path(name))
     for pid, path in our_processes().items():
@@ -60,7 +60,7 @@ def deployed(model: str, name: str, **kwargs: Any) -> Iterator[Any]:
     """``mii.serve`` on a free port; the deployment is terminated on the way out, and its
     processes killed by pid if terminating fails (the failure is still raised)."""
     import mii
-    from mii_core.ports import free_port
+    from mii_core.deploy.ports import free_port
 
     kwargs.setdefault("port_number", free_port())
     client = mii.serve(model, deployment_name=name, **kwargs)
@@ -122,7 +122,7 @@ def mii_home() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """Path of the offline tiny Llama (built once per session)."""
-    from mii_engines.tiny_model import build_tiny_model
+    from mii.testing.tiny_model import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama"))
 
@@ -130,7 +130,7 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture
 def free_port() -> int:
     """A port that was free a moment ago."""
-    from mii_core.ports import free_port as pick
+    from mii_core.deploy.ports import free_port as pick
 
     return pick()
 

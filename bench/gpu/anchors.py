@@ -20,7 +20,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-from common import G, MODEL_DIR, TINY, log  # noqa: E402
+from common import MODEL_DIR, TINY, G, log  # noqa: E402
 
 PHASE = sys.argv[1] if len(sys.argv) > 1 else "hf"
 DEVICE = "cpu" if TINY else "cuda"

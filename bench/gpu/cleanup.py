@@ -19,7 +19,7 @@ import common  # noqa: E402
 
 
 def _alive(pid: Optional[int]) -> bool:
-    from mii_core import registry
+    from mii_core.deploy import registry
 
     return registry.pid_alive(pid)
 
@@ -40,7 +40,7 @@ def stop_record(record, reason: str, grace: float = 20.0) -> List[int]:
 
     Returns the pids that had to be killed.
     """
-    from mii_core import registry
+    from mii_core.deploy import registry
 
     pids = [p for p in record.pids.values() if p]
     killed = []
@@ -59,14 +59,14 @@ def stop_record(record, reason: str, grace: float = 20.0) -> List[int]:
 
 
 def _tail(path: str, lines: int = 60) -> str:
-    from mii_core import logs
+    from mii_core.deploy import logs
 
     return logs.tail(path, lines)
 
 
 def stop_named(name: str, reason: str) -> Optional[List[int]]:
     """Stop deployment ``name`` if its record still shows a live process."""
-    from mii_core import registry
+    from mii_core.deploy import registry
 
     record = registry.load(name)
     if record is None:
@@ -78,7 +78,7 @@ def stop_named(name: str, reason: str) -> Optional[List[int]]:
 
 
 def main(tag: str) -> int:
-    from mii_core import registry
+    from mii_core.deploy import registry
 
     leftovers = []
     for record in registry.list_records():

@@ -46,20 +46,20 @@ fi
 PYTHONPATH=$SITE:$REPO "$PY" - <<'EOF'
 import importlib.metadata as md
 import mii, mii_core
-from mii_core.plugins import discover, load_driver
+from mii_core.plugins.discovery import discover, load_driver
 for kind in ("engine", "scheduler", "transport"):
     found = discover(kind)
     print(f"install.sh: {kind}s:", ", ".join(f"{p.name}{' (BROKEN: ' + p.error + ')' if p.error else ''}" for p in found))
 load_driver("engine", "deepspeed"); load_driver("engine", "transformers"); load_driver("transport", "grpc")
 import grpc, google.protobuf, pydantic, pluggy, stevedore
 import importlib
-for module in ("mii_core.supervisor", "mii_core.lb_main", "mii_core.launcher",
-               "mii_transport.grpc_transport", "mii_transport.grpc_server"):
+for module in ("mii_core.control.supervisor", "mii_core.control.lb_main", "mii_core.control.launcher",
+               "mii_transport.grpc.plugin", "mii_transport.grpc.server"):
     try:  # the torch-free part of the serving path; a missing dependency shows here
         importlib.import_module(module)
     except Exception as error:
         print(f"install.sh: WARNING: import {module} failed: {type(error).__name__}: {error}")
-from mii_transport.generated import mii_pb2, mii_pb2_grpc  # runtime version checks
+from mii_transport.grpc.generated import mii_pb2, mii_pb2_grpc  # runtime version checks
 def version(name):
     try:
         return md.version(name)

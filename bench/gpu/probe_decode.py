@@ -20,17 +20,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import common  # noqa: E402
-
 import torch  # noqa: E402
 
-from mii_core.config import GenerateParamsConfig, ModelConfig  # noqa: E402
-from mii_core.interfaces import RankInfo  # noqa: E402
-from mii_engines.batch_state import StepPlan  # noqa: E402
-from mii_engines.generator import Generator  # noqa: E402
-from mii_engines.sampling import row_params, sample  # noqa: E402
-from mii_engines import static_state  # noqa: E402
-from mii_engines.static_state import make_state  # noqa: E402
-from mii_engines.transformers_engine import TransformersEngine  # noqa: E402
+from mii_core.config.models import GenerateParamsConfig, ModelConfig  # noqa: E402
+from mii_core.plugins.interfaces import RankInfo  # noqa: E402
+from mii_engines.runtime.kv import slots as static_state  # noqa: E402
+from mii_engines.runtime.kv.dynamic import StepPlan  # noqa: E402
+from mii_engines.runtime.kv.slots import make_state  # noqa: E402
+from mii_engines.runtime.loop import Generator  # noqa: E402
+from mii_engines.runtime.sampling import row_params, sample  # noqa: E402
+from mii_engines.transformers.engine import TransformersEngine  # noqa: E402
 
 DEVICE = "cpu" if common.TINY else "cuda:0"
 MAX_ROWS = 8 if common.TINY else 64
@@ -166,7 +165,7 @@ def probe(variant):
         torch.cuda.reset_peak_memory_stats()
     loaded = load()
     if variant == "plain":
-        from mii_engines.static_state import StaticBatchState
+        from mii_engines.runtime.kv.slots import StaticBatchState
 
         state = StaticBatchState(loaded.model, loaded.device, MAX_ROWS, MAX_LEN)
     else:

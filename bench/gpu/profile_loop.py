@@ -13,11 +13,11 @@ import time
 
 import torch
 
-from mii_core.config import GenerateParamsConfig, ModelConfig
-from mii_core.interfaces import RankInfo
-from mii_engines.batch_state import BatchState, StepPlan
-from mii_engines.generator import Generator
-from mii_engines.transformers_engine import TransformersEngine
+from mii_core.config.models import GenerateParamsConfig, ModelConfig
+from mii_core.plugins.interfaces import RankInfo
+from mii_engines.runtime.kv.dynamic import BatchState, StepPlan
+from mii_engines.runtime.loop import Generator
+from mii_engines.transformers.engine import TransformersEngine
 
 model_dir = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("MODEL_DIR", "/tmp/llama1b")
 rank = RankInfo(replica=0, rank=0, world_size=1, local_rank=0, device="cuda:0", dist_port=0)

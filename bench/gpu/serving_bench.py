@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cleanup  # noqa: E402
 import common  # noqa: E402
-from common import BATCHES, G, MODEL_DIR, TINY, log  # noqa: E402
+from common import BATCHES, MODEL_DIR, TINY, G, log  # noqa: E402
 
 CALL_TIMEOUT = 240.0
 STARTED: List[str] = []  # deployment names this process started
@@ -52,7 +52,7 @@ def serve_kwargs(args, **extra) -> Dict:
 
 
 def _free_port() -> int:
-    from mii_core.ports import free_port
+    from mii_core.deploy.ports import free_port
 
     return free_port()
 
@@ -61,7 +61,7 @@ def _free_port() -> int:
 async def deployment(phase: str, name: str, **kwargs):
     """serve() -> (client, ready seconds); always terminated; failures keep the log tail."""
     import mii
-    from mii_core import logs, registry
+    from mii_core.deploy import logs, registry
 
     client = None
     STARTED.append(name)
@@ -163,7 +163,7 @@ async def measure(client, phase: str, tag: str, batches, modes=("concurrent", "o
 
 def deployment_facts(client, name: str) -> Dict:
     """Info reply (trimmed), placement from the registry record, pids."""
-    from mii_core import registry
+    from mii_core.deploy import registry
 
     facts: Dict = {}
     try:

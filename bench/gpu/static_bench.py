@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import common  # noqa: E402
 
 import mii  # noqa: E402
-from mii_core.ports import free_port  # noqa: E402
+from mii_core.deploy.ports import free_port  # noqa: E402
 
 KW = dict(do_sample=False, max_new_tokens=common.G, ignore_eos=True)
 CONFIGS = {"dynamic": dict(kv_cache="dynamic"), "static": dict(kv_cache="static"),

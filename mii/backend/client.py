@@ -1,4 +1,4 @@
 """``mii.backend.client.MIIClient(mii_config, host=...)``, as in DeepSpeed-MII."""
-from mii_core.client import MIIClient
+from mii_core.api.client import MIIClient
 
 __all__ = ["MIIClient"]

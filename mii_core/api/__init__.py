@@ -1,0 +1,1 @@
+"""What users call: serve(), client(), MIIClient, Response (and pipeline)."""

@@ -1,0 +1,1 @@
+"""Configuration models with DeepSpeed-MII's names, and keyword parsing."""

@@ -1,0 +1,253 @@
+"""Configuration models with DeepSpeed-MII 0.3's field names, defaults and constraints.
+
+``ModelConfig`` and ``MIIConfig`` describe a deployment; ``GenerateParamsConfig``
+describes one generate call. All reject unknown fields. Fields that are ours and
+not MII's are marked "(mii extension)".
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from mii_core.constants import (
+    DEFAULT_ENGINE,
+    DEFAULT_HOSTFILE,
+    DEFAULT_PORT,
+    DEFAULT_RESTFUL_API_PORT,
+    DEFAULT_SCHEDULER,
+    DEFAULT_TORCH_DIST_PORT,
+    DEFAULT_TRANSPORT,
+    DeploymentType,
+    TaskType,
+)
+
+DEVICE_MAP_DEFAULT = "auto"
+DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
+
+
+def _port(default: int) -> Any:
+    return Field(default, ge=1, le=65535)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True,
+                              protected_namespaces=(), populate_by_name=True)
+
+
+class GenerateParamsConfig(_Strict):
+    """Options of one generate call (per request)."""
+
+    prompt_length: int = Field(0, ge=0)
+    """Tokens in the prompt; filled in by the server (the client refuses it as an argument)."""
+    max_length: int = Field(1024, gt=0)
+    """Maximum of prompt tokens + generated tokens."""
+    max_new_tokens: Optional[int] = Field(None, gt=0)
+    """Maximum number of generated tokens; the smaller of this and what ``max_length`` leaves applies."""
+    min_new_tokens: int = Field(0, ge=0)
+    """Minimum number of generated tokens before EOS or a stop string may end generation."""
+    stream: bool = False
+    """Stream output (set by the client's streaming calls)."""
+    ignore_eos: bool = False
+    """Keep generating past EOS until a length limit is reached."""
+    return_full_text: bool = False
+    """Prepend the prompt to the generated text."""
+    do_sample: bool = True
+    """Sample; ``False`` means greedy decoding."""
+    top_p: float = Field(0.9, gt=0, le=1)
+    """Nucleus sampling probability mass."""
+    top_k: Optional[int] = Field(None, gt=0)
+    """Sample among the k most likely tokens."""
+    temperature: Optional[float] = Field(None, gt=0)
+    """Softmax temperature."""
+    stop: List[str] = []
+    """Strings that end generation; the text is cut before the first one found."""
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, value: List[str]) -> List[str]:
+        if any(s == "" for s in value):
+            raise ValueError("stop strings must not be empty")
+        return sorted(value)
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> "GenerateParamsConfig":
+        if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) must not exceed "
+                             f"max_new_tokens ({self.max_new_tokens})")
+        if self.prompt_length and self.max_length <= self.prompt_length:
+            raise ValueError(f"max_length ({self.max_length}) must be greater than "
+                             f"prompt_length ({self.prompt_length})")
+        return self
+
+    def new_token_budget(self, prompt_length: int, context_length: int) -> int:
+        """Tokens that may be generated for a prompt of ``prompt_length`` tokens."""
+        budget = min(self.max_length, context_length) - prompt_length
+        if self.max_new_tokens is not None:
+            budget = min(budget, self.max_new_tokens)
+        return budget
+
+
+class ReplicaConfig(_Strict):
+    """Placement and ports of one replica (generated unless given)."""
+
+    hostname: str = ""
+    tensor_parallel_ports: List[int] = []
+    torch_dist_port: Optional[int] = None
+    gpu_indices: List[int] = []
+
+
+class ModelConfig(_Strict):
+    """What model to serve and how to place it."""
+
+    model_name_or_path: str
+    """Hugging Face hub name or local directory of the model."""
+    tokenizer: Optional[str] = None
+    """Tokenizer name or path; defaults to ``model_name_or_path``."""
+    task: Optional[TaskType] = TaskType.TEXT_GENERATION
+    """Task served; only text generation exists."""
+    tensor_parallel: int = Field(1, gt=0)
+    """Devices (processes) one replica is sharded over."""
+    quantization_mode: Optional[str] = None
+    """Quantization mode; engines that do not support it reject it at load."""
+    inference_engine_config: Dict[str, Any] = {}
+    """Engine-specific options, passed to the engine unchanged."""
+    torch_dist_port: int = _port(DEFAULT_TORCH_DIST_PORT)
+    """Base torch.distributed port; replica i uses ``torch_dist_port + 100 * i``."""
+    replica_num: int = Field(1, gt=0)
+    """Number of model replicas behind the load balancer."""
+    replica_configs: List[ReplicaConfig] = []
+    """Per-replica placement; generated when empty."""
+    device_map: Union[Literal["auto"], Dict[str, List[List[int]]]] = DEVICE_MAP_DEFAULT
+    """``"auto"`` or ``{host: [[device ids of replica 0], [of replica 1], ...]}``."""
+    max_length: Optional[int] = Field(None, gt=0)
+    """Longest sequence (prompt + generated) the engine accepts; default: the model's."""
+    dtype: str = "auto"
+    """Weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, float16, bfloat16. (mii extension)"""
+    sync_debug: bool = False
+    """Synchronize the device after every step, so errors surface at the step that caused them."""
+    profile_model_time: bool = False
+    """Log the mean model time per step every 100 steps (synchronizes the device each step)."""
+    engine: str = DEFAULT_ENGINE
+    """Engine plugin name from the ``mii.engines`` group; auto = deepspeed if it imports. (mii extension)"""
+    kv_cache: Literal["dynamic", "static"] = "dynamic"
+    """``dynamic``: caches grow per step; ``static``: one preallocated slot of
+    ``max_length`` tokens per batch row (without ``max_length`` on one GPU: as long as
+    half the free memory allows), CUDA graphs for decode and prefill. (mii extension)"""
+    cuda_graphs: bool = True
+    """With ``kv_cache="static"`` on a GPU and tensor_parallel=1, replay decode steps
+    from CUDA graphs. (mii extension)"""
+    torch_compile: bool = False
+    """With ``kv_cache="static"`` and tensor_parallel=1, ``torch.compile`` the decode step:
+    one decoder layer, compiled once for all layers (fused kernels; the compilation is
+    paid before the deployment is ready). (mii extension)"""
+    max_batch_size: int = Field(64, gt=0)
+    """Most requests generated together in one batch. (mii extension)"""
+
+    @field_validator("device_map", mode="before")
+    @classmethod
+    def _device_map_as_dict(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("device_map must be 'auto', a device id, a list of ids, or "
+                             "{host: [[ids of replica 0], ...]}")
+        if isinstance(value, int):
+            return {"localhost": [[value]]}
+        if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+            return {"localhost": [value]}
+        if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+            return {"localhost": value}
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if value not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
+        return value
+
+    @field_validator("model_name_or_path")
+    @classmethod
+    def _model_given(cls, value: str) -> str:
+        if not value:
+            raise ValueError("model_name_or_path must be provided")
+        return value
+
+    @model_validator(mode="after")
+    def _fill_and_check(self) -> "ModelConfig":
+        if not self.tokenizer:
+            object.__setattr__(self, "tokenizer", self.model_name_or_path)
+        if self.replica_configs and len(self.replica_configs) != self.replica_num:
+            raise ValueError(f"replica_configs has {len(self.replica_configs)} entries but "
+                             f"replica_num is {self.replica_num}; they must match")
+        return self
+
+
+def default_deployment_name(model_name_or_path: str) -> str:
+    """MII's rule: the model directory's base name (or the hub name) + ``-mii-deployment``."""
+    path = model_name_or_path.rstrip("/")
+    name = os.path.basename(path) if os.path.exists(path) else path
+    return f"{name}-mii-deployment"
+
+
+class MIIConfig(_Strict):
+    """How the deployment is served."""
+
+    deployment_name: str = ""
+    """Name clients reconnect by; defaults from the model name."""
+    deployment_type: DeploymentType = DeploymentType.LOCAL
+    """Only LOCAL (a persistent local deployment) is served."""
+    model_conf: ModelConfig = Field(alias="model_config")
+    """The model configuration (key ``model_config``)."""
+    port_number: int = _port(DEFAULT_PORT)
+    """Client-facing port of the load balancer; a free one is picked if the default is busy."""
+    enable_restful_api: bool = False
+    """Start the REST gateway."""
+    restful_api_host: str = "localhost"
+    """Host the REST gateway binds."""
+    restful_api_port: int = _port(DEFAULT_RESTFUL_API_PORT)
+    """Port of the REST gateway."""
+    restful_processes: int = Field(32, ge=1)
+    """Generate requests the REST gateway forwards at a time (more wait); the gateway is one asyncio process."""
+    hostfile: str = DEFAULT_HOSTFILE
+    """DeepSpeed hostfile for multi-node placement; without it, this host only."""
+    scheduler: str = DEFAULT_SCHEDULER
+    """Scheduler plugin name from ``mii.schedulers``. (mii extension)"""
+    transport: str = DEFAULT_TRANSPORT
+    """Transport plugin name from ``mii.transports``. (mii extension)"""
+    host: str = "127.0.0.1"
+    """Address the client-facing server binds. (mii extension)"""
+    startup_timeout: float = Field(600.0, gt=0)
+    """Seconds serve() waits for the deployment to answer. (mii extension)"""
+    max_queue_size: int = Field(1024, gt=0)
+    """Requests a replica accepts before answering RESOURCE_EXHAUSTED. (mii extension)"""
+    auth_token: Optional[str] = None
+    """Shared secret every call must carry (gRPC metadata / HTTP bearer); None: no check.
+    Kept in the registry record (mode 0600) so ``mii.client(name)`` reconnects. (mii extension)"""
+    tls_cert_file: Optional[str] = None
+    """PEM certificate of the client-facing server; with ``tls_key_file`` enables TLS. (mii extension)"""
+    tls_key_file: Optional[str] = None
+    """PEM private key matching ``tls_cert_file``. (mii extension)"""
+    max_restarts: int = Field(3, ge=0)
+    """Restarts of a crashed child (replica or load balancer) before the deployment stops. (mii extension)"""
+
+    @model_validator(mode="after")
+    def _fill_name(self) -> "MIIConfig":
+        if not self.deployment_name:
+            object.__setattr__(self, "deployment_name",
+                               default_deployment_name(self.model_conf.model_name_or_path))
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file must be given together")
+        if self.deployment_type != DeploymentType.LOCAL:
+            raise ValueError(f"deployment_type {self.deployment_type.value!r} is not supported; "
+                             "use 'local'")
+        return self
+
+    def to_json(self) -> str:
+        """Serialize for the registry and child processes (by alias, so it round-trips)."""
+        return self.model_dump_json(by_alias=True)

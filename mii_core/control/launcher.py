@@ -1,0 +1,128 @@
+"""Command lines of a deployment's children: replicas (direct or via torchrun) and the load balancer.
+
+A tensor_parallel=1 replica is one plain Python process. A larger replica is
+started by torchrun (``torch.distributed.run``), one process per rank, with its
+own rendezvous port, so ranks get RANK/WORLD_SIZE/LOCAL_RANK the standard way.
+Multi-node replicas would use the DeepSpeed launcher with the hostfile; that path
+is built by ``deepspeed_multinode_command`` and documented as not run here.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List
+
+from mii_core.control.lifecycle import RECORD_ENV, SUPERVISOR_PID_ENV
+from mii_core.deploy.devices import LOCAL_NAMES
+from mii_core.deploy.registry import DeploymentRecord, ReplicaRecord
+
+REPLICA_MODULE = "mii_core.control.replica_main"
+LB_MODULE = "mii_core.control.lb_main"
+GATEWAY_MODULE = "mii_core.control.gateway_main"
+
+
+@dataclass
+class ChildSpec:
+    """How to start one child of the supervisor."""
+
+    role: str
+    argv: List[str]
+    env: Dict[str, str]
+
+
+def _base_env(record_file: str) -> Dict[str, str]:
+    env = dict(os.environ)
+    env[SUPERVISOR_PID_ENV] = str(os.getpid())
+    env[RECORD_ENV] = record_file
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    # Children must not think they run inside the caller's distributed job.
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                 "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"):
+        env.pop(name, None)
+    return env
+
+
+def threads_per_rank(total_ranks: int) -> int:
+    """CPU threads for each rank: the cores less one (kept for the serving threads), shared.
+
+    Measured on the 2-core CI machine with the tiny model: one torch thread serves a
+    request in ~5 ms, two threads (competing with gRPC and the engine loop's Python
+    thread) take ~50 ms. ``MII_THREADS_PER_RANK`` overrides.
+    """
+    if os.environ.get("MII_THREADS_PER_RANK"):
+        return int(os.environ["MII_THREADS_PER_RANK"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, ((cores or 1) - 1) // max(1, total_ranks))
+
+
+def replica_spec(record: DeploymentRecord, record_file: str, replica: ReplicaRecord) -> ChildSpec:
+    """The command starting every rank of ``replica`` on this host."""
+    config = record.mii_config
+    tp = config.model_conf.tensor_parallel
+    env = _base_env(record_file)
+    env["MII_THREADS_PER_RANK"] = str(threads_per_rank(tp * len(record.replicas)))
+    env["OMP_NUM_THREADS"] = env["MII_THREADS_PER_RANK"]
+    if replica.gpu_indices:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in replica.gpu_indices)
+    target = ["-m", REPLICA_MODULE, record_file, str(replica.index)]
+    if replica.hostname not in LOCAL_NAMES:
+        return ChildSpec(f"replica-{replica.index}",
+                         deepspeed_multinode_command(record, record_file, replica), env)
+    if tp == 1:
+        return ChildSpec(f"replica-{replica.index}", [sys.executable, *target], env)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+            "--nproc_per_node", str(tp), "--master_addr", "127.0.0.1",
+            "--master_port", str(replica.dist_port), "--max_restarts", "0",
+            "--monitor_interval", "0.5", *target]
+    return ChildSpec(f"replica-{replica.index}", argv, env)
+
+
+def deepspeed_multinode_command(record: DeploymentRecord, record_file: str,
+                                replica: ReplicaRecord) -> List[str]:
+    """The DeepSpeed launcher command for a replica on a remote host of the hostfile.
+
+    The launcher reaches the host over pdsh/ssh; the record file (and the model) must
+    be at the same path there (a shared filesystem). Not exercised in CI: no second
+    host exists there.
+    """
+    config = record.mii_config
+    include = f"{replica.hostname}:{','.join(str(g) for g in replica.gpu_indices)}"
+    return ["deepspeed", "--hostfile", config.hostfile, "--include", include,
+            "--master_port", str(replica.dist_port), "--no_local_rank",
+            "--module", REPLICA_MODULE, record_file, str(replica.index)]
+
+
+def load_balancer_spec(record_file: str) -> ChildSpec:
+    """The command starting the load balancer."""
+    return ChildSpec("load-balancer", [sys.executable, "-m", LB_MODULE, record_file],
+                     _base_env(record_file))
+
+
+def gateway_spec(record_file: str) -> ChildSpec:
+    """The command starting the REST gateway (``enable_restful_api``)."""
+    return ChildSpec("rest-gateway", [sys.executable, "-m", GATEWAY_MODULE, record_file],
+                     _base_env(record_file))
+
+
+def gateway_bind_host(host: str) -> str:
+    """The address the REST gateway binds: ``localhost`` means the IPv4 loopback only."""
+    return "127.0.0.1" if host in ("", "localhost") else host
+
+
+def wait_until_listening(host: str, port: int, proc: subprocess.Popen, timeout: float,
+                         should_stop: Callable[[], bool] = lambda: False) -> bool:
+    """Wait until ``host:port`` accepts connections; False if ``proc`` exited, the wait was
+    stopped or ``timeout`` passed (the caller's watch loop then reports the child)."""
+    address = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not should_stop():
+        try:
+            with socket.create_connection((address, port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False

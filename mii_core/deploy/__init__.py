@@ -1,0 +1,1 @@
+"""Deployment state: registry records, logs, placement on devices, ports, model sources."""

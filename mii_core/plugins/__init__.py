@@ -1,0 +1,1 @@
+"""Plugin roles (typed protocols), hook specifications and discovery."""

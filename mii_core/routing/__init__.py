@@ -1,0 +1,1 @@
+"""Transport-agnostic routing: replica health, the serving rule, schedulers, replica stats."""

@@ -1,0 +1,1 @@
+"""The ``deepspeed`` engine plugin (AutoTP tensor parallelism)."""

@@ -1,0 +1,1 @@
+"""KV-cache states behind one interface: dynamic, slots (static), paged."""

@@ -1,0 +1,1 @@
+"""Running a forward: masks, CUDA graphs, compilation, host copies."""

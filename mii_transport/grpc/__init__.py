@@ -1,0 +1,1 @@
+"""The gRPC transport plugin: replica server, load balancer, client, wire codec."""

@@ -1,0 +1,477 @@
+"""The REST gateway (enable_restful_api=True): real clients (openai, httpx) against a real
+deployment of the tiny model, through the gateway process the supervisor starts."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+from conftest import deployed, wait_until
+from prometheus_client.parser import text_string_to_metric_families
+
+import mii
+from mii_core.deploy import registry
+from mii_core.deploy.ports import free_port as pick
+from mii_core.deploy.ports import is_port_free
+
+GREEDY = dict(do_sample=False, max_new_tokens=12)
+
+
+
+
+@pytest.fixture(scope="module")
+def gw(tiny_model, tmp_path_factory):
+    """A module-wide deployment with the gateway on; yields (client, base URL, name)."""
+    name = f"rest-{tmp_path_factory.mktemp('rest').name}"
+    rest_port = pick()
+    with deployed(tiny_model, name, engine="transformers", enable_restful_api=True,
+                  restful_api_port=rest_port) as client:
+        yield client, f"http://127.0.0.1:{rest_port}", name
+
+
+@pytest.fixture(scope="module")
+def oai(gw):
+    client, base, name = gw
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def metric_families(base: str) -> dict:
+    reply = httpx.get(f"{base}/metrics")
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("text/plain; version=")
+    return {f.name: f for f in text_string_to_metric_families(reply.text)}
+
+
+def sample(families: dict, family: str, name: str = "", **labels) -> float:
+    matches = [s.value for s in families[family].samples
+               if s.name == (name or family) and s.labels == labels]
+    assert len(matches) == 1, (family, name, labels, families[family].samples)
+    return matches[0]
+
+
+# -- DeepSpeed-MII's RESTful API --------------------------------------------------------
+def test_mii_route_answers_like_the_client(gw):
+    client, base, name = gw
+    prompts = ["DeepSpeed is", "Seattle is"]
+    reply = httpx.post(f"{base}/mii/{name}", json={"prompts": prompts, **GREEDY}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    direct = client(prompts, **GREEDY)
+    assert [r["generated_text"] for r in body] == [r.generated_text for r in direct]
+    for item, response in zip(body, direct):
+        assert {"generated_text", "prompt_length", "generated_length",
+                "finish_reason"} <= set(item)
+        assert item["prompt_length"] == response.prompt_length
+        assert item["generated_length"] == response.generated_length
+    one = httpx.post(f"{base}/mii/{name}", json={"prompts": "DeepSpeed is", **GREEDY}, timeout=60)
+    assert one.json()[0]["generated_text"] == direct[0].generated_text
+
+
+@pytest.mark.parametrize("body, status, param, text", [
+    ({"prompts": "hi", "max_new_tokens": 0}, 400, "max_new_tokens", "greater than 0"),
+    ({"prompts": "hi", "top_p": 2}, 400, "top_p", "top_p"),
+    ({"prompts": "hi", "max_new_token": 5}, 400, "max_new_token", "did you mean"),
+    ({"prompts": []}, 400, "prompts", "empty"),
+    ({"prompts": ["ok", 3]}, 400, "prompts", "prompts[1]"),
+    ({"max_new_tokens": 4}, 400, "prompts", "prompts"),
+    ([1, 2], 400, None, "JSON object"),
+    ({"prompts": "hi", "stream": True}, 400, "stream", "/v1/completions"),
+])
+def test_mii_route_rejects_bad_input_naming_the_field(gw, body, status, param, text):
+    client, base, name = gw
+    reply = httpx.post(f"{base}/mii/{name}", json=body, timeout=30)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param and text in error["message"]
+    assert error["type"] in ("InvalidGenerateParams", "UnknownArgument")
+
+
+def test_mii_route_unknown_deployment_and_bad_json(gw):
+    client, base, name = gw
+    reply = httpx.post(f"{base}/mii/not-{name}", json={"prompts": "hi"})
+    assert reply.status_code == 404 and reply.json()["error"]["code"] == "deployment_not_found"
+    reply = httpx.post(f"{base}/mii/{name}", content=b"{not json",
+                       headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and "not valid JSON" in reply.json()["error"]["message"]
+    assert httpx.get(f"{base}/mii/{name}").status_code == 405
+
+
+# -- OpenAI-compatible API --------------------------------------------------------------
+def test_openai_completions_match_the_client(gw, oai):
+    client, base, name = gw
+    direct = client("DeepSpeed is", **GREEDY)[0]
+    reply = oai.completions.create(model=name, prompt="DeepSpeed is", max_tokens=12,
+                                   temperature=0)
+    assert reply.object == "text_completion" and reply.model == name
+    assert reply.choices[0].text == direct.generated_text
+    assert reply.choices[0].finish_reason == direct.finish_reason
+    assert reply.usage.prompt_tokens == direct.prompt_length
+    assert reply.usage.completion_tokens == direct.generated_length
+    assert reply.usage.total_tokens == direct.prompt_length + direct.generated_length
+    # a list of prompts: one choice per prompt, in order; echo prepends the prompt
+    batch = oai.completions.create(model=name, prompt=["DeepSpeed is", "Seattle is"],
+                                   max_tokens=12, temperature=0, echo=True)
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert batch.choices[0].text == "DeepSpeed is" + direct.generated_text
+    # sampling parameters are accepted (top_p, stop, and the extension top_k)
+    sampled = oai.completions.create(model=name, prompt="DeepSpeed is", max_tokens=5,
+                                     temperature=0.7, top_p=0.9, stop=["\n"],
+                                     extra_body={"top_k": 20})
+    assert sampled.usage.completion_tokens <= 5
+
+
+def test_openai_completions_stream(gw, oai):
+    client, base, name = gw
+    whole = oai.completions.create(model=name, prompt="DeepSpeed is", max_tokens=12,
+                                   temperature=0)
+    chunks = list(oai.completions.create(model=name, prompt="DeepSpeed is", max_tokens=12,
+                                         temperature=0, stream=True,
+                                         stream_options={"include_usage": True}))
+    text_chunks = [c for c in chunks if c.choices]
+    assert len(text_chunks) > 1
+    assert "".join(c.choices[0].text for c in text_chunks) == whole.choices[0].text
+    assert text_chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in text_chunks[:-1])
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_raw_sse_framing(gw):
+    client, base, name = gw
+    with httpx.stream("POST", f"{base}/v1/completions", timeout=60, json={
+            "model": name, "prompt": "DeepSpeed is", "max_tokens": 4, "stream": True}) as reply:
+        assert reply.status_code == 200
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        raw = reply.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    assert all(e.startswith("data: ") for e in events[:-1])
+    assert json.loads(events[0][6:])["object"] == "text_completion"
+
+
+def test_openai_chat_uses_the_chat_template(gw, oai, tiny_model):
+    from transformers import AutoTokenizer
+
+    client, base, name = gw
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "What is DeepSpeed?"}]
+    prompt = AutoTokenizer.from_pretrained(tiny_model).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    direct = client(prompt, **GREEDY)[0]
+    reply = oai.chat.completions.create(model=name, messages=messages, max_tokens=12,
+                                        temperature=0)
+    assert reply.object == "chat.completion"
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == direct.generated_text
+    assert reply.usage.prompt_tokens == direct.prompt_length
+    assert reply.usage.completion_tokens == direct.generated_length
+    # streaming: a role delta first, then content deltas that add up to the same text
+    chunks = list(oai.chat.completions.create(model=name, messages=messages, max_tokens=12,
+                                              temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == direct.generated_text
+    assert chunks[-1].choices[0].finish_reason == direct.finish_reason
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    # content given as text parts, and the model named by its path, work too
+    parts = oai.chat.completions.create(
+        model=tiny_model, max_completion_tokens=12, temperature=0,
+        messages=[messages[0], {"role": "user", "content": [
+            {"type": "text", "text": "What is "}, {"type": "text", "text": "DeepSpeed?"}]}])
+    assert parts.choices[0].message.content == direct.generated_text
+
+
+def test_openai_models(gw, oai):
+    client, base, name = gw
+    assert [m.id for m in oai.models.list().data] == [name]
+    assert oai.models.retrieve(name).id == name
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("no-such-model")
+
+
+@pytest.mark.parametrize("kwargs, param, text", [
+    (dict(max_tokens=0), "max_tokens", "at least 1"),
+    (dict(temperature=-1), "temperature", "between 0 and 2"),
+    (dict(n=2), "n", "n=1"),
+    (dict(logprobs=2), "logprobs", "not supported"),
+    (dict(stop=[""]), "stop", "must not be empty"),
+    (dict(extra_body={"min_tokens": 20}, max_tokens=4), None, "min_tokens (20) must not "
+     "exceed max_tokens (4)"),
+    (dict(extra_body={"bogus": 1}), "bogus", "unknown parameter"),
+    (dict(prompt=[1, 2, 3]), "prompt[0]", "token-id"),
+])
+def test_openai_bad_params_are_400_naming_the_field(gw, oai, kwargs, param, text):
+    client, base, name = gw
+    kwargs = dict(model=name, prompt="DeepSpeed is", **kwargs) if "prompt" not in kwargs \
+        else dict(model=name, **kwargs)
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.completions.create(**kwargs)
+    assert caught.value.status_code == 400
+    error = caught.value.body
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param and text in error["message"], error
+
+
+def test_openai_errors_have_openai_shape_and_codes(gw, oai):
+    client, base, name = gw
+    with pytest.raises(openai.NotFoundError) as caught:
+        oai.completions.create(model="gpt-4", prompt="hi")
+    assert caught.value.body["code"] == "model_not_found" and caught.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(model=name, messages=[{"role": "wizard", "content": "x"}])
+    assert caught.value.body["param"] == "messages[0].role"
+    with pytest.raises(openai.BadRequestError) as caught:  # a prompt longer than the model
+        oai.completions.create(model=name, prompt="DeepSpeed is " * 400, max_tokens=4)
+    assert caught.value.body["param"] == "prompt" and "tokens" in caught.value.body["message"]
+    # streaming requests that fail before the first token still get a status code
+    reply = httpx.post(f"{base}/v1/completions", json={"model": name, "prompt": "x",
+                                                       "stream": True, "max_tokens": -3})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "max_tokens"
+    for method, path in (("GET", "/nope"), ("DELETE", "/v1/models")):
+        reply = httpx.request(method, f"{base}{path}")
+        assert reply.status_code in (404, 405)
+        assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_sixteen_concurrent_requests_all_succeed(gw):
+    client, base, name = gw
+    expected = client("Seattle is", **GREEDY)[0].generated_text
+
+    async def run():
+        limits = httpx.Limits(max_connections=32)
+        async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as http:
+            calls = []
+            for i in range(16):
+                if i % 2:
+                    calls.append(http.post("/v1/completions", json={
+                        "model": name, "prompt": "Seattle is", "max_tokens": 12,
+                        "temperature": 0}))
+                else:
+                    calls.append(http.post(f"/mii/{name}", json={"prompts": "Seattle is",
+                                                                  **GREEDY}))
+            return await asyncio.gather(*calls)
+
+    replies = asyncio.run(run())
+    assert [r.status_code for r in replies] == [200] * 16
+    texts = [r.json()[0]["generated_text"] if isinstance(r.json(), list)
+             else r.json()["choices"][0]["text"] for r in replies]
+    assert texts == [expected] * 16
+
+
+def test_client_leaving_a_stream_cancels_it_and_frees_its_slot(gw):
+    client, base, name = gw
+
+    def cancelled():
+        return sample(metric_families(base), "mii_replica_requests",
+                      "mii_replica_requests_total", replica="0", outcome="cancelled")
+
+    before = cancelled()
+    with httpx.stream("POST", f"{base}/v1/completions", timeout=60, json={
+            "model": name, "prompt": "DeepSpeed is", "max_tokens": 400, "ignore_eos": True,
+            "stream": True}) as reply:
+        lines = reply.iter_lines()
+        assert next(lines).startswith("data: ")  # then hang up mid-stream
+    assert wait_until(lambda: cancelled() == before + 1, 15)
+    assert wait_until(lambda: sample(metric_families(base),
+                                     "mii_gateway_in_flight_requests") == 0, 5)
+
+
+# -- health, metrics, no terminate route -------------------------------------------------
+def test_health(gw):
+    client, base, name = gw
+    reply = httpx.get(f"{base}/health")
+    assert reply.status_code == 200 and reply.json() == {"status": "ok", "deployment": name}
+    assert httpx.get(f"{base}/healthz").status_code == 200
+
+
+def test_metrics_per_replica_and_aggregated(gw):
+    client, base, name = gw
+    before = metric_families(base)
+    ok_before = sample(before, "mii_replica_requests", "mii_replica_requests_total",
+                       replica="0", outcome="ok")
+    for _ in range(3):
+        assert httpx.post(f"{base}/v1/completions", timeout=60, json={
+            "model": name, "prompt": "DeepSpeed is", "max_tokens": 4,
+            "ignore_eos": True}).status_code == 200
+    families = metric_families(base)
+    assert sample(families, "mii_deployment_up") == 1
+    assert sample(families, "mii_replicas") == 1 and sample(families, "mii_replicas_healthy") == 1
+    assert sample(families, "mii_replica_healthy", replica="0") == 1
+    ok = sample(families, "mii_replica_requests", "mii_replica_requests_total",
+                replica="0", outcome="ok")
+    assert ok == ok_before + 3
+    assert sample(families, "mii_requests", "mii_requests_total", outcome="ok") == ok
+    tokens = sample(families, "mii_replica_tokens_generated",
+                    "mii_replica_tokens_generated_total", replica="0")
+    assert tokens >= 12 and tokens == sample(families, "mii_tokens_generated",
+                                             "mii_tokens_generated_total")
+    assert sample(families, "mii_replica_queue_depth", replica="0") == 0
+    assert sample(families, "mii_running_batch_size") == 0
+    for base_name in ("time_to_first_token_seconds", "inter_token_latency_seconds",
+                      "end_to_end_latency_seconds"):
+        for family, labels in ((f"mii_replica_{base_name}", {"replica": "0"}),
+                               (f"mii_{base_name}", {})):
+            assert families[family].type == "histogram"
+            buckets = [s for s in families[family].samples if s.name == f"{family}_bucket"
+                       and {k: v for k, v in s.labels.items() if k != "le"} == labels]
+            counts = [s.value for s in buckets]
+            assert counts == sorted(counts) and buckets[-1].labels["le"] == "+Inf"
+            assert counts[-1] == sample(families, family, f"{family}_count", **labels) > 0
+    assert sample(families, "mii_replica_routed_requests", "mii_replica_routed_requests_total",
+                  replica="0") >= 3
+    assert sample(families, "mii_gateway_requests", "mii_gateway_requests_total",
+                  route="/v1/completions", code="200") >= 3
+    assert sample(families, "mii_gateway_in_flight_requests") == 0
+    assert sample(families, "mii_gateway_max_in_flight_requests") == 32
+
+
+def test_no_terminate_route(gw):
+    client, base, name = gw
+    for method in ("GET", "POST"):
+        for path in ("/terminate", f"/mii/{name}/terminate", "/v1/terminate", "/shutdown"):
+            assert httpx.request(method, f"{base}{path}").status_code in (404, 405)
+    assert httpx.get(f"{base}/health").status_code == 200
+    assert client.is_serving()
+
+
+# -- lifecycle -----------------------------------------------------------------------------
+def test_killed_gateway_is_restarted_on_the_same_port(gw):
+    client, base, name = gw
+    old = registry.load(name).pids["rest-gateway"]
+    os.kill(old, signal.SIGKILL)
+    assert wait_until(lambda: registry.load(name).pids["rest-gateway"] != old)
+
+    def answers():
+        try:
+            return httpx.get(f"{base}/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    assert wait_until(answers)
+    reply = httpx.post(f"{base}/mii/{name}", json={"prompts": "DeepSpeed is", "ignore_eos": True,
+                                                    **GREEDY})
+    assert reply.status_code == 200 and reply.json()[0]["generated_length"] == 12
+
+
+def test_unavailable_deployment_is_503_and_deadline_is_504(gw):
+    client, base, name = gw
+    reply = httpx.post(f"{base}/mii/{name}", timeout=60, json={
+        "prompts": "DeepSpeed is", "max_new_tokens": 400, "ignore_eos": True, "timeout": 0.05})
+    assert reply.status_code == 504 and reply.json()["error"]["type"] == "DeadlineExceeded"
+    replica = registry.load(name).pids["replica-0"]
+    os.kill(replica, signal.SIGSTOP)  # unresponsive: the load balancer marks it unhealthy
+    try:
+        assert wait_until(lambda: httpx.get(f"{base}/health", timeout=10).status_code == 503)
+        assert httpx.get(f"{base}/health").json()["status"] == "unavailable"
+        reply = httpx.post(f"{base}/v1/completions", json={"model": name, "prompt": "hi"})
+        assert reply.status_code == 503, reply.text
+        assert reply.json()["error"]["code"] == "deployment_unavailable"
+        reply = httpx.post(f"{base}/mii/{name}", json={"prompts": "hi"})
+        assert reply.status_code == 503 and reply.json()["error"]["type"] == "DeploymentUnavailable"
+        families = metric_families(base)
+        assert sample(families, "mii_deployment_up") == 1
+        assert sample(families, "mii_replica_healthy", replica="0") == 0
+        assert sample(families, "mii_replicas_healthy") == 0
+    finally:
+        os.kill(replica, signal.SIGCONT)
+    assert wait_until(lambda: httpx.get(f"{base}/health", timeout=10).status_code == 200)
+
+
+def test_replica_lost_mid_stream_ends_with_an_error_event(gw):
+    client, base, name = gw
+    old = registry.load(name).pids["replica-0"]
+    events = []
+    with httpx.stream("POST", f"{base}/v1/completions", timeout=60, json={
+            "model": name, "prompt": "DeepSpeed is", "max_tokens": 500, "ignore_eos": True,
+            "stream": True}) as reply:
+        assert reply.status_code == 200
+        for line in reply.iter_lines():
+            if not line:
+                continue
+            events.append(line)
+            if len(events) == 2:
+                os.kill(old, signal.SIGKILL)
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2][6:])
+    assert error["error"]["code"] == "deployment_unavailable", error
+    assert wait_until(lambda: registry.load(name).pids["replica-0"] != old)
+    assert wait_until(lambda: httpx.get(f"{base}/health", timeout=10).status_code == 200, 60)
+
+
+def test_gateway_dies_with_terminate_server(tiny_model, free_port):
+    rest_port = pick()
+    client = mii.serve(tiny_model, deployment_name="rest-stop", port_number=free_port,
+                       engine="transformers", enable_restful_api=True,
+                       restful_api_port=rest_port)
+    try:
+        record = registry.load("rest-stop")
+        gateway_pid = record.pids["rest-gateway"]
+        assert registry.pid_alive(gateway_pid, "mii_core.control.gateway_main")
+        # serve() returned, so the gateway already answers
+        assert httpx.get(f"http://127.0.0.1:{rest_port}/health").status_code == 200
+    finally:
+        client.terminate_server()
+    assert wait_until(lambda: not registry.pid_alive(gateway_pid, "mii_core.control.gateway_main"), 10)
+    assert is_port_free(rest_port)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{rest_port}/health")
+
+
+def test_overload_auth_and_supervisor_death(tiny_model, free_port):
+    """429 when the replica's queue is full; bearer token when auth_token is set; the gateway
+    exits on its own when its supervisor is killed."""
+    token = "gateway-test-token"
+    rest_port = pick()
+    base = f"http://127.0.0.1:{rest_port}"
+    client = mii.serve(tiny_model, deployment_name="rest-busy", port_number=free_port,
+                       engine="transformers", enable_restful_api=True,
+                       restful_api_port=rest_port, max_batch_size=1, max_queue_size=1,
+                       auth_token=token, restful_processes=8)
+    try:
+        auth = {"Authorization": f"Bearer {token}"}
+        assert httpx.get(f"{base}/health").status_code == 200  # health needs no token
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            reply = httpx.get(f"{base}/v1/models", headers=headers)
+            assert reply.status_code == 401
+            assert reply.json()["error"]["type"] == "authentication_error"
+            assert httpx.get(f"{base}/metrics", headers=headers).status_code == 401
+        guarded = openai.OpenAI(base_url=f"{base}/v1", api_key=token, max_retries=0)
+        assert guarded.completions.create(model="rest-busy", prompt="hi",
+                                          max_tokens=2).usage.completion_tokens == 2
+
+        async def flood():
+            async with httpx.AsyncClient(base_url=base, headers=auth, timeout=120) as http:
+                return await asyncio.gather(*(http.post("/v1/completions", json={
+                    "model": "rest-busy", "prompt": "DeepSpeed is", "max_tokens": 200,
+                    "ignore_eos": True}) for _ in range(6)))
+
+        replies = asyncio.run(flood())
+        codes = sorted(r.status_code for r in replies)
+        assert 200 in codes and 429 in codes and set(codes) == {200, 429}, codes
+        busy = next(r for r in replies if r.status_code == 429).json()["error"]
+        assert busy["code"] == "server_overloaded" and "queue is full" in busy["message"]
+        families = metric_families_with(base, auth)
+        assert sample(families, "mii_replica_requests", "mii_replica_requests_total",
+                      replica="0", outcome="rejected") >= 1
+
+        record = registry.load("rest-busy")
+        gateway_pid = record.pids["rest-gateway"]
+        os.kill(record.supervisor_pid, signal.SIGKILL)
+        assert wait_until(lambda: not registry.pid_alive(gateway_pid, "mii_core.control.gateway_main"),
+                          15)
+        assert wait_until(lambda: is_port_free(rest_port), 10)
+    finally:
+        if registry.find_live("rest-busy") is not None:
+            client.terminate_server()
+
+
+def metric_families_with(base: str, headers: dict) -> dict:
+    reply = httpx.get(f"{base}/metrics", headers=headers)
+    assert reply.status_code == 200
+    return {f.name: f for f in text_string_to_metric_families(reply.text)}

@@ -1,0 +1,72 @@
+"""Replica placement on hosts and GPUs, including two hosts from a hostfile."""
+import pytest
+
+from mii_core.deploy.devices import Placement, allocate, read_hostfile
+
+
+def test_auto_fills_gpus_in_order():
+    assert allocate({"localhost": 4}, 2, 2) == [Placement("localhost", [0, 1]),
+                                                Placement("localhost", [2, 3])]
+
+
+def test_auto_spreads_over_two_hosts(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two nodes\nworker-1 slots=2\nworker-2 slots=2\n")
+    pool = read_hostfile(str(hostfile))
+    assert pool == {"worker-1": 2, "worker-2": 2}
+    assert allocate(pool, 2, 2) == [Placement("worker-1", [0, 1]), Placement("worker-2", [0, 1])]
+    assert allocate(pool, 1, 3) == [Placement("worker-1", [0]), Placement("worker-1", [1]),
+                                    Placement("worker-2", [0])]
+
+
+def test_explicit_map_over_two_hosts():
+    pool = {"a": 4, "b": 4}
+    placements = allocate(pool, 2, 3, {"a": [[0, 1], [2, 3]], "b": [[1, 2]]})
+    assert placements[-1] == Placement("b", [1, 2])
+
+
+def test_cpu_only_places_every_replica_on_cpu():
+    assert allocate({"localhost": 0}, 2, 2) == [Placement("localhost", []), Placement("localhost", [])]
+
+
+@pytest.mark.parametrize("pool, tp, replicas, device_map, match", [
+    ({"localhost": 2}, 2, 2, "auto", r"needs 4 GPUs but only 2"),
+    ({"localhost": 4}, 2, 2, {"localhost": [[0, 1]]}, "places 1 replicas but replica_num is 2"),
+    ({"localhost": 4}, 2, 2, {"localhost": [[0, 1], [1, 2]]}, "GPU 1 is given to replicas 0 and 1"),
+    ({"localhost": 2}, 2, 1, {"localhost": [[0, 5]]}, "names GPU 5 but localhost has 2 GPUs"),
+    ({"a": 2}, 1, 1, {"z": [[0]]}, "host 'z'"),
+    ({"localhost": 4}, 2, 1, {"localhost": [[0]]}, "has 1 devices but tensor_parallel is 2"),
+    ({"localhost": 0}, 1, 1, {"localhost": [[0]]}, "no GPU is visible"),
+])
+def test_bad_placements_are_precise_value_errors(pool, tp, replicas, device_map, match):
+    with pytest.raises(ValueError, match=match):
+        allocate(pool, tp, replicas, device_map)
+
+
+def test_bad_hostfile_line(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("worker-1 gpus=2\n")
+    with pytest.raises(ValueError, match="line 1"):
+        read_hostfile(str(hostfile))
+    assert read_hostfile(str(tmp_path / "missing")) is None
+
+
+def test_remote_replica_is_started_by_the_deepspeed_launcher_with_the_hostfile(tmp_path):
+    from mii_core.config.models import MIIConfig
+    from mii_core.control.launcher import replica_spec
+    from mii_core.deploy.registry import DeploymentRecord, ReplicaRecord
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("worker-1 slots=2\nworker-2 slots=2\n")
+    config = MIIConfig(model_config={"model_name_or_path": "m", "tensor_parallel": 2},
+                       hostfile=str(hostfile))
+    record = DeploymentRecord(
+        name="multi", config=config.model_dump(by_alias=True, mode="json"), host="127.0.0.1",
+        port=1, log_path="/dev/null",
+        replicas=[ReplicaRecord(index=0, hostname="worker-2", port=2, dist_port=29500,
+                                gpu_indices=[0, 1])])
+    spec = replica_spec(record, "/shared/record.json", record.replicas[0])
+    assert spec.argv[:5] == ["deepspeed", "--hostfile", str(hostfile), "--include", "worker-2:0,1"]
+    assert spec.argv[-3:] == ["mii_core.control.replica_main", "/shared/record.json", "0"]
+    local = record.replicas[0].model_copy(update={"hostname": "localhost"})
+    assert "torch.distributed.run" in replica_spec(record, "/r.json", local).argv
