@@ -136,19 +136,32 @@ class ModelConfig(_Strict):
     """Log the mean model time per step every 100 steps (synchronizes the device each step)."""
     engine: str = DEFAULT_ENGINE
     """Engine plugin name from the ``mii.engines`` group; auto = deepspeed if it imports. (mii extension)"""
-    kv_cache: Literal["dynamic", "static"] = "dynamic"
-    """``dynamic``: caches grow per step; ``static``: one preallocated slot of
-    ``max_length`` tokens per batch row (without ``max_length`` on one GPU: as long as
-    half the free memory allows), CUDA graphs for decode and prefill. (mii extension)"""
+    kv_cache: Literal["auto", "dynamic", "static", "paged"] = "auto"
+    """``auto``: ``paged`` on a GPU, ``dynamic`` on CPU (and on a GPU for a model the paged
+    cache cannot serve, with the reason logged). ``paged``: one pool of fixed-size blocks
+    (``gpu_memory_utilization``), chunked prefill, prefix caching, CUDA graphs and a
+    compiled decoder layer on a GPU. ``dynamic``: transformers' cache, growing per step.
+    ``static``: one preallocated slot of ``max_length`` tokens per batch row (without
+    ``max_length`` on one GPU: as long as half the free memory allows), CUDA graphs for
+    decode and prefill. (mii extension)"""
     cuda_graphs: bool = True
-    """With ``kv_cache="static"`` on a GPU and tensor_parallel=1, replay decode steps
-    from CUDA graphs. (mii extension)"""
-    torch_compile: bool = False
-    """With ``kv_cache="static"`` and tensor_parallel=1, ``torch.compile`` the decode step:
-    one decoder layer, compiled once for all layers (fused kernels; the compilation is
-    paid before the deployment is ready). (mii extension)"""
-    max_batch_size: int = Field(64, gt=0)
-    """Most requests generated together in one batch. (mii extension)"""
+    """Replay steps from CUDA graphs (``paged``/``static`` on a GPU, tensor_parallel=1). (mii extension)"""
+    torch_compile: Optional[bool] = None
+    """``torch.compile`` one decoder layer for all layers (fused kernels; compiled before the
+    deployment is ready). None: on for the paged cache on a GPU, off otherwise. Applies to
+    ``paged`` and ``static`` with tensor_parallel=1. (mii extension)"""
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """Share of the GPU's memory the replica may use in all (weights, activations, KV cache);
+    the paged cache takes what is left of it. (mii extension)"""
+    kv_block_size: Literal[8, 16, 32, 64] = 16
+    """Tokens per block of the paged KV cache. (mii extension)"""
+    kv_blocks: Optional[int] = Field(None, ge=4)
+    """Blocks in the paged KV cache; default: from ``gpu_memory_utilization`` on a GPU,
+    ``max_batch_size`` x min(context, 4096) tokens on CPU. (mii extension)"""
+    prefix_caching: bool = True
+    """Reuse the KV blocks of prompt prefixes that earlier requests computed (paged cache). (mii extension)"""
+    max_batch_size: Optional[int] = Field(None, gt=0)
+    """Most sequences generated together; None: 256 with the paged cache, 64 otherwise. (mii extension)"""
 
     @field_validator("device_map", mode="before")
     @classmethod

@@ -1,9 +1,9 @@
 """Building a replica's runtime from a loaded model: what a replica process and
 ``mii.pipeline`` call, so that neither knows how the runtime is put together.
 
-``build_state`` picks and warms up the KV state the configuration asks for (the
-same on every rank); ``build_service`` wraps it in the batching loop on rank 0;
-``follow`` runs the other ranks of a tensor-parallel replica.
+``build_service`` picks the KV cache (``kv/choose.py``), warms it up and wraps it in
+rank 0's loop; ``follow`` runs the other ranks of a tensor-parallel replica. Every
+rank builds its cache first and joins the plan channel second, in the same order.
 """
 from __future__ import annotations
 
@@ -12,43 +12,53 @@ from typing import Callable, Optional
 
 from mii_core.config.models import ModelConfig
 from mii_core.plugins.interfaces import LoadedModel, RankInfo, RequestInfo
+from mii_core.routing.stats import ServingMetrics
 
 log = logging.getLogger(__name__)
 
 
-def build_state(model_config: ModelConfig, loaded: LoadedModel, rank: RankInfo):
-    """The KV state for ``model_config`` on this rank, warmed up (graphs captured,
+def build_kv(model_config: ModelConfig, loaded: LoadedModel, rank: RankInfo):
+    """The KV cache for ``model_config`` on this rank, warmed up (graphs captured,
     compilation done) before the replica reports ready."""
-    from mii_engines.runtime.kv.slots import make_state
+    from mii_engines.runtime.kv.choose import build
 
-    state = make_state(loaded, model_config.kv_cache, model_config.max_batch_size,
-                       model_config.cuda_graphs, rank.world_size, model_config.torch_compile,
-                       length_given=model_config.max_length is not None)
-    if getattr(state, "use_graphs", False) or getattr(state, "compiled", False):
-        log.info("[progress] rank %d: warming up the fast path (%s)", rank.rank,
-                 "torch.compile, then CUDA graphs" if model_config.torch_compile else "CUDA graphs")
-        log.info("[progress] rank %d: fast path ready in %.1fs", rank.rank, state.warm_up())
-    return state
+    setup = build(loaded, model_config, rank.world_size)
+    log.info("[progress] rank %d: %s KV cache, at most %d sequences at once", rank.rank,
+             setup.kind, setup.max_batch_size)
+    seconds = setup.state.warm_up()
+    if seconds:
+        log.info("[progress] rank %d: fast path ready in %.1fs", rank.rank, seconds)
+    return setup
 
 
 def build_service(loaded: LoadedModel, model_config: ModelConfig, rank: RankInfo,
                   max_queue_size: int,
                   on_started: Optional[Callable[[RequestInfo], None]] = None,
                   on_finished: Optional[Callable[[RequestInfo, str], None]] = None):
-    """Rank 0's batching loop over a fresh KV state (broadcasting plans to the other
+    """Rank 0's batching loop over a fresh KV cache (broadcasting plans to the other
     ranks when the replica is tensor-parallel). Call ``run()`` on a thread of its own."""
-    from mii_engines.runtime.loop import Generator
+    from mii_engines.runtime.executor import Executor
+    from mii_engines.runtime.intake import Intake
+    from mii_engines.runtime.loop import EngineLoop
+    from mii_engines.runtime.output import Outputs
+    from mii_engines.runtime.scheduler import Scheduler
 
+    setup = build_kv(model_config, loaded, rank)
     broadcast = None
     if rank.world_size > 1:
         from mii_engines.runtime.distributed import PlanChannel
 
         broadcast = PlanChannel().send
-    return Generator(loaded, rank.replica, model_config.max_batch_size, max_queue_size,
-                     broadcast=broadcast, on_finished=on_finished, on_started=on_started,
-                     sync_debug=model_config.sync_debug,
-                     profile_model_time=model_config.profile_model_time,
-                     state=build_state(model_config, loaded, rank))
+    single_gpu = rank.world_size == 1 and loaded.device.type == "cuda"
+    executor = Executor(setup.state, loaded.device, setup.max_batch_size, broadcast=broadcast,
+                        pipelined=single_gpu and setup.state.takes_device_tokens,
+                        sync_debug=model_config.sync_debug,
+                        profile_model_time=model_config.profile_model_time)
+    intake = Intake(loaded.tokenizer, loaded.context_length, setup.space.max_tokens(),
+                    rank.replica)
+    return EngineLoop(intake, Scheduler(setup.space, setup.max_batch_size, setup.budgets),
+                      executor, Outputs(loaded.tokenizer, ServingMetrics(), on_finished),
+                      max_queue_size, on_started=on_started)
 
 
 def follow(loaded: LoadedModel, model_config: ModelConfig, rank: RankInfo) -> None:
@@ -56,4 +66,5 @@ def follow(loaded: LoadedModel, model_config: ModelConfig, rank: RankInfo) -> No
     from mii_engines.runtime.distributed import PlanChannel
     from mii_engines.runtime.loop import follow as follow_plans
 
-    follow_plans(build_state(model_config, loaded, rank), PlanChannel().receive)
+    setup = build_kv(model_config, loaded, rank)
+    follow_plans(setup.state, PlanChannel().receive)

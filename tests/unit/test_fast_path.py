@@ -2,26 +2,23 @@
 token-budgeted admission and the static state's warm-up. Real forward passes, no timings."""
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
-from test_generation import GREEDY, PROMPTS, Collector, run
+from engine_helpers import GREEDY, PROMPTS, Collector, load, loop_for, make_loop, run, running
 
-from mii_core.config.models import GenerateParamsConfig, ModelConfig
-from mii_core.plugins.interfaces import RankInfo
-from mii_engines.runtime import loop as generator_module
-from mii_engines.runtime.kv.slots import StaticBatchState, make_state
-from mii_engines.runtime.loop import Generator
+from mii_core.config.models import GenerateParamsConfig
+from mii_engines.runtime.kv.dynamic import DynamicState
+from mii_engines.runtime.kv.rows import RowSpace
+from mii_engines.runtime.kv.slots import SlotState, make_slot_state
 from mii_engines.runtime.patches.fusion import FusedLinear, LinearPart, fuse_projections
+from mii_engines.runtime.plan import Chunk, StepPlan
+from mii_engines.runtime.requests import Phase
 from mii_engines.runtime.sampling import row_params, sample
-from mii_engines.transformers.engine import TransformersEngine
-
-CPU = RankInfo(replica=0, rank=0, world_size=1, local_rank=0, device="cpu", dist_port=0)
+from mii_engines.runtime.scheduler import Budgets
 
 
 def _load(tiny_model):
-    return TransformersEngine().load(ModelConfig(model_name_or_path=tiny_model), CPU)
+    return load(tiny_model)
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +33,18 @@ def fused(tiny_model):
     return loaded
 
 
-def _serve(loaded, state):
-    gen = Generator(loaded, replica=0, max_batch_size=4, max_queue_size=32, state=state)
-    thread = threading.Thread(target=gen.run, daemon=True)
-    thread.start()
-    return gen, thread
+def slot_state(loaded, max_rows: int = 4, **kwargs) -> SlotState:
+    """kv_cache="static" as a replica builds it (fused projections, mii's attention)."""
+    return make_slot_state(loaded, max_rows, cuda_graphs=True, world_size=1,
+                           compile_decode=kwargs.pop("compile_decode", False),
+                           length_given=True, prefill_budget=8192)
 
 
-def _stop(gen, thread):
-    gen.stop()
-    thread.join(timeout=10)
-    assert not thread.is_alive()
+def _serve(loaded, state=None, max_batch_size: int = 4, **kwargs):
+    """A running loop over ``state`` (None: the dynamic cache)."""
+    state = state or DynamicState(loaded.model, loaded.device)
+    space = RowSpace(getattr(state, "max_len", loaded.context_length), "rows")
+    return running(make_loop(loaded, state, space, max_batch_size, 32, **kwargs))
 
 
 def test_fused_projections_give_the_same_logits(plain, fused):
@@ -75,35 +73,23 @@ def test_a_part_called_out_of_order_still_projects_its_own_input(plain, fused):
 
 def test_make_state_fuses_and_static_greedy_matches_the_unfused_dynamic_path(tiny_model, plain):
     loaded = _load(tiny_model)
-    state = make_state(loaded, "static", max_rows=4, cuda_graphs=True, world_size=1)
+    state = slot_state(loaded)
     assert isinstance(loaded.model.model.layers[0].mlp.up_proj, LinearPart)
     assert state.warm_up() >= 0 and state.rows == 0  # the warm-up row is gone again
-    fast, fast_thread = _serve(loaded, state)
-    reference, reference_thread = _serve(plain, None)
-    try:
+    with _serve(loaded, state) as fast, _serve(plain) as reference:
         assert run(fast, PROMPTS, **GREEDY).texts() == run(reference, PROMPTS, **GREEDY).texts()
-    finally:
-        _stop(fast, fast_thread)
-        _stop(reference, reference_thread)
 
 
-def test_prompts_beyond_the_prefill_budget_join_at_later_steps(plain, monkeypatch):
-    monkeypatch.setattr(generator_module, "PREFILL_TOKENS_PER_STEP", 6)
-    state = StaticBatchState(plain.model, plain.device, max_rows=4, max_len=160)
-    staggered, thread = _serve(plain, state)
+def test_prompts_beyond_the_prefill_budget_join_at_later_steps(plain):
+    state = SlotState(plain.model, plain.device, max_rows=4, max_len=160)
     steps = []
     original = state.apply
-    state.apply = lambda plan: steps.append(len(plan.prefill or [])) or original(plan)
-    try:
+    state.apply = lambda plan: steps.append(len(plan.chunks)) or original(plan)
+    with _serve(plain, state, budgets=Budgets(idle=6, decoding=6)) as staggered:
         got = run(staggered, PROMPTS, **GREEDY).texts()
-    finally:
-        _stop(staggered, thread)
     assert max(steps) < len(PROMPTS) and sum(steps) == len(PROMPTS)  # joined over several steps
-    reference, reference_thread = _serve(plain, None)
-    try:
+    with _serve(plain) as reference:
         assert got == run(reference, PROMPTS, **GREEDY).texts()
-    finally:
-        _stop(reference, reference_thread)
 
 
 def _params(**kw):
@@ -182,17 +168,15 @@ def test_grouped_decode_attention_equals_repeated_keys():
 
 
 def test_bucketed_prefill_fills_the_same_slots_as_the_eager_prefill(plain):
-    from mii_engines.runtime.kv.dynamic import StepPlan
-
     prompts = [plain.tokenizer(p)["input_ids"] for p in PROMPTS]
-    eager = StaticBatchState(plain.model, plain.device, max_rows=8, max_len=64)
-    bucketed = StaticBatchState(plain.model, plain.device, max_rows=8, max_len=64,
-                                bucketed_prefill=True)
+    eager = SlotState(plain.model, plain.device, max_rows=8, max_len=64)
+    bucketed = SlotState(plain.model, plain.device, max_rows=8, max_len=64,
+                         bucketed_prefill=True)
     with torch.inference_mode():
         for state in (eager, bucketed):  # one row first, so the batch lands at slot 1
-            state.apply(StepPlan(prefill=prompts[:1]))
-        _, expected = eager.apply(StepPlan(prefill=prompts[1:]))
-        _, got = bucketed.apply(StepPlan(prefill=prompts[1:]))
+            state.prefill(prompts[:1])
+        expected = eager.prefill(prompts[1:])
+        got = bucketed.prefill(prompts[1:])
     assert bucketed.prefill_graphs.bucket(3, max(len(p) for p in prompts)) == (4, 16)
     assert bucketed.prefill_graphs.padded_rows == 1  # 1 row in bucket 1, 3 rows in bucket 4
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -215,7 +199,6 @@ def test_a_model_caching_latents_decodes_through_the_cache_object(compile_decode
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from mii_engines.runtime.kv.dynamic import BatchState, StepPlan
     from mii_engines.runtime.patches.attention import use_grouped_decode_attention
 
     torch.manual_seed(0)
@@ -228,16 +211,15 @@ def test_a_model_caching_latents_decodes_through_the_cache_object(compile_decode
         eos_token_id=2)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     assert use_grouped_decode_attention(model)
-    static = StaticBatchState(model, torch.device("cpu"), 4, 64, compile_decode=compile_decode)
-    dynamic = BatchState(model, torch.device("cpu"))
+    static = SlotState(model, torch.device("cpu"), 4, 64, compile_decode=compile_decode)
+    dynamic = DynamicState(model, torch.device("cpu"))
     draw = random.Random(0)
     with torch.inference_mode():
-        plan = StepPlan(prefill=[[draw.randrange(3, 300) for _ in range(n)] for n in (7, 1, 12)])
+        plan = StepPlan(chunks=[Chunk(slot, [draw.randrange(3, 300) for _ in range(n)])
+                                for slot, n in enumerate((7, 1, 12))])
         for step in range(7):
-            got, expected = static.apply(plan), dynamic.apply(plan)
-            for mine, theirs in zip(got, expected):
-                if theirs is not None:
-                    torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(static.apply(plan), dynamic.apply(plan), rtol=1e-4,
+                                       atol=1e-4)
             rows = 2 if step >= 3 else 3
             plan = StepPlan(keep=[0, 2] if step == 3 else None,
                             decode=[draw.randrange(3, 300) for _ in range(rows)])
@@ -263,23 +245,19 @@ def test_regional_compile_picks_the_decoder_layers_not_a_longer_list():
     assert repeated_blocks(model, attention[:2]) is None  # no list matches layer for layer
 
 
-def test_prefill_row_buckets_double_to_8_then_step_by_8():
-    from mii_engines.runtime.runner.prefill_graphs import _row_buckets
+def test_row_buckets_double_to_8_then_step_by_8():
+    from mii_engines.runtime.runner.graphs import row_buckets
 
-    assert _row_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
-    assert _row_buckets(20) == [1, 2, 4, 8, 16, 20]
-    assert _row_buckets(8) == [1, 2, 4, 8] and _row_buckets(3) == [1, 2, 3]
-    assert _row_buckets(1) == [1]
+    assert row_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert row_buckets(20) == [1, 2, 4, 8, 16, 20]
+    assert row_buckets(8) == [1, 2, 4, 8] and row_buckets(3) == [1, 2, 3]
+    assert row_buckets(1) == [1]
 
 
 def test_stats_count_prefills_and_admitted_rows(plain):
-    state = StaticBatchState(plain.model, plain.device, max_rows=8, max_len=64,
-                             bucketed_prefill=True)
-    gen, thread = _serve(plain, state)
-    try:
+    state = SlotState(plain.model, plain.device, max_rows=8, max_len=64, bucketed_prefill=True)
+    with _serve(plain, state, max_batch_size=8) as gen:
         run(gen, PROMPTS[:3], **GREEDY)  # one request: its 3 prompts join in one step
-    finally:
-        _stop(gen, thread)
     stats = gen.stats()
     assert (stats["prefills"], stats["prefill_rows"], stats["padded_prefill_rows"]) == (1, 3, 1)
 
@@ -293,13 +271,10 @@ def test_decode_writes_through_the_attention_modules_slots_and_other_attention_k
     for attention in ("sdpa", "eager"):
         loaded = _load(tiny_model)
         loaded.model.set_attn_implementation(attention)
-        state = make_state(loaded, "static", max_rows=4, cuda_graphs=True, world_size=1)
+        state = slot_state(loaded)
         assert (state.attention_modules is not None) == (attention == "sdpa")
-        fast, fast_thread = _serve(loaded, state)
-        try:
+        with _serve(loaded, state) as fast:
             texts = run(fast, PROMPTS, **GREEDY).texts()
-        finally:
-            _stop(fast, fast_thread)
         if attention == "sdpa":
             layers = loaded.model.model.layers
             assert all(layer.self_attn.mii_keys is keys
@@ -309,30 +284,25 @@ def test_decode_writes_through_the_attention_modules_slots_and_other_attention_k
 
 
 def run_reference(loaded):
-    reference, thread = _serve(loaded, None)
-    try:
+    with _serve(loaded) as reference:
         return run(reference, PROMPTS, **GREEDY).texts()
-    finally:
-        _stop(reference, thread)
 
 
 def test_decode_attends_only_to_the_columns_in_use(tiny_model, plain):
     loaded = _load(tiny_model)
-    state = make_state(loaded, "static", max_rows=2, cuda_graphs=True, world_size=1)
+    state = slot_state(loaded, max_rows=2)
     assert state.narrow and state.widths()[0] == 128 < state.widths()[-1]
     seen = []
     layer = loaded.model.model.layers[0].self_attn
     hook = layer.register_forward_hook(lambda m, args, kwargs, out: seen.append(
         kwargs["attention_mask"].shape[-1]), with_kwargs=True)
-    fast, fast_thread = _serve(loaded, state)
-    reference, reference_thread = _serve(plain, None)
     try:
-        long = dict(do_sample=False, max_new_tokens=140, ignore_eos=True)  # crosses 128 columns
-        assert run(fast, PROMPTS[:2], **long).texts() == run(reference, PROMPTS[:2], **long).texts()
+        with _serve(loaded, state, max_batch_size=2) as fast, _serve(plain) as reference:
+            long = dict(do_sample=False, max_new_tokens=140, ignore_eos=True)  # > 128 columns
+            assert (run(fast, PROMPTS[:2], **long).texts()
+                    == run(reference, PROMPTS[:2], **long).texts())
     finally:
         hook.remove()
-        _stop(fast, fast_thread)
-        _stop(reference, reference_thread)
     assert 128 in seen and 256 in seen
 
 
@@ -342,16 +312,14 @@ def compiled_matching_eager(loaded, max_rows: int):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    compiled = make_state(loaded, "static", max_rows=max_rows, cuda_graphs=True, world_size=1,
-                          compile_decode=True)
-    eager = StaticBatchState(loaded.model, loaded.device, max_rows=max_rows,
-                             max_len=compiled.max_len)
+    compiled = slot_state(loaded, max_rows=max_rows, compile_decode=True)
+    eager = SlotState(loaded.model, loaded.device, max_rows=max_rows, max_len=compiled.max_len)
     prompts = [loaded.tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
     torch._dynamo.reset()
     counters.clear()
     with torch.inference_mode():
         for state in (compiled, eager):
-            state._prefill(prompts)
+            state.prefill(prompts)
             state.inputs[1, :3] = torch.tensor(state.lengths)
         for bucket in sorted(compiled.buckets(), reverse=True):  # largest first, as warm_up
             for width in compiled.widths():
@@ -375,51 +343,50 @@ def test_compiled_decode_is_compiled_once_for_every_bucket_and_width(tiny_model)
 
 @pytest.mark.parametrize("pipelined", [False, True])
 def test_a_freed_slot_is_taken_in_the_step_that_frees_it(plain, pipelined):
-    state = StaticBatchState(plain.model, plain.device, max_rows=1, max_len=256)
-    gen = Generator(plain, replica=0, max_batch_size=1, max_queue_size=4, state=state,
-                    pipelined=pipelined)
+    state = SlotState(plain.model, plain.device, max_rows=1, max_len=256)
     plans = []
     original = state.apply
     state.apply = lambda plan: plans.append(plan) or original(plan)
     first, second = Collector(1), Collector(1)
-    gen.submit([PROMPTS[0]], GenerateParamsConfig(**dict(GREEDY, max_new_tokens=3)), first)
-    gen.submit([PROMPTS[1]], GenerateParamsConfig(**dict(GREEDY, max_new_tokens=3)), second)
-    thread = threading.Thread(target=gen.run, daemon=True)
-    thread.start()
-    try:
+    loop = make_loop(plain, state, RowSpace(256, "slots"), max_batch_size=1, max_queue_size=4,
+                     pipelined=pipelined)
+    loop.submit([PROMPTS[0]], GenerateParamsConfig(**dict(GREEDY, max_new_tokens=3)), first)
+    loop.submit([PROMPTS[1]], GenerateParamsConfig(**dict(GREEDY, max_new_tokens=3)), second)
+    with running(loop):
         assert first.done.wait(30) and second.done.wait(30)
-    finally:
-        _stop(gen, thread)
-    swap = [p for p in plans if p.keep == [] and p.prefill]
+    swap = [p for p in plans if p.keep == [] and p.chunks]
     assert len(swap) == 1, "the second request joins in the step that retires the first"
-    assert not [p for p in plans if p.keep == [] and not p.prefill and p.decode is None][:-1]
+    assert not [p for p in plans if p.keep == [] and not p.chunks and p.decode is None][:-1]
 
 
-def test_admission_budgets_the_padded_prefill_not_the_token_sum(plain, monkeypatch):
+def test_admission_budgets_the_padded_prefill_not_the_token_sum(plain):
     long_prompt = " ".join(["word"] * 30)
     width = len(plain.tokenizer(long_prompt)["input_ids"])
     # The token sum (width + 3 short prompts) fits; 2 rows padded to `width` do not.
-    monkeypatch.setattr(generator_module, "PREFILL_TOKENS_PER_STEP", width + width // 2)
-    gen = Generator(plain, replica=0, max_batch_size=8, max_queue_size=8)  # loop not running
-    for prompt in (long_prompt, "a", "b", "c"):
-        gen.submit([prompt], GenerateParamsConfig(**GREEDY), Collector(1))
-    first = gen._admit()
-    assert [len(row.prompt) for row in first] == [width]
-    assert len(gen._admit()) == 3  # the short ones join together at the next step
+    budget = width + width // 2
+    loop = loop_for(plain, max_batch_size=8, max_queue_size=8,
+                    budgets=Budgets(idle=budget, decoding=budget))  # not running
+    for index, prompt in enumerate((long_prompt, "a", "b", "c")):
+        request = loop.intake.request(index, [prompt], GenerateParamsConfig(**GREEDY),
+                                      Collector(1))
+        loop.scheduler.add(request.sequences)
+    first = loop.scheduler.schedule()
+    assert [len(chunk.tokens) for chunk in first.plan.chunks] == [width]
+    assert len(loop.scheduler.schedule().plan.chunks) == 3  # the short ones join together
 
 
-def test_while_rows_decode_fewer_prompt_tokens_join_per_step(plain, monkeypatch):
+def test_while_rows_decode_fewer_prompt_tokens_join_per_step(plain):
     """A prefill stalls the running rows' next token: with rows running, the smaller
     budget applies (a lone long prompt still joins)."""
     width = len(plain.tokenizer("x")["input_ids"])
-    monkeypatch.setattr(generator_module, "PREFILL_TOKENS_PER_STEP", 8 * width)
-    monkeypatch.setattr(generator_module, "PREFILL_TOKENS_WHILE_DECODING", 2 * width)
-    gen = Generator(plain, replica=0, max_batch_size=16, max_queue_size=16)  # loop not running
-    for _ in range(12):
-        gen.submit(["x"], GenerateParamsConfig(**GREEDY), Collector(1))
-    gen._rows = gen._admit()  # nothing running: the whole budget
-    assert len(gen._rows) == 8
-    assert len(gen._admit()) == 2  # 8 rows decoding: the smaller budget
+    loop = loop_for(plain, max_batch_size=16, max_queue_size=16,
+                    budgets=Budgets(idle=8 * width, decoding=2 * width))  # not running
+    for index in range(12):
+        request = loop.intake.request(index, ["x"], GenerateParamsConfig(**GREEDY), Collector(1))
+        loop.scheduler.add(request.sequences)
+    first = loop.scheduler.schedule()  # nothing running: the whole budget
+    assert len(first.rows) == 8 and all(seq.phase is Phase.RUNNING for seq in first.rows)
+    assert len(loop.scheduler.schedule().plan.chunks) == 2  # 8 rows decoding: the smaller one
 
 
 def test_static_slots_without_max_length_take_half_the_free_memory():

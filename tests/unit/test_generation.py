@@ -1,81 +1,38 @@
-"""The batching loop in-process on the tiny model: real forward passes, no timings."""
+"""The batching loop in-process on the tiny model, over every KV cache: real forward
+passes, no timings."""
 from __future__ import annotations
 
 import threading
-import time
-from typing import Dict, List
 
 import pytest
 import torch
+from engine_helpers import GREEDY, PROMPTS, Collector, load, loop_for, make_loop, run, running
 
-from mii_core.config.models import GenerateParamsConfig, ModelConfig
+from mii_core.config.models import GenerateParamsConfig
 from mii_core.errors import InvalidGenerateParams, ServerOverloaded
-from mii_core.plugins.interfaces import RankInfo, TokenEvent
-from mii_engines.runtime.loop import Generator
-from mii_engines.transformers.engine import TransformersEngine
 
-PROMPTS = ["DeepSpeed is", "Seattle is a city by the sea and", "The weather", "Computers"]
+KINDS = ["dynamic", "static-pipelined", "paged", "paged-pipelined"]
 
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model):
-    rank = RankInfo(replica=0, rank=0, world_size=1, local_rank=0, device="cpu", dist_port=0)
-    return TransformersEngine().load(ModelConfig(model_name_or_path=tiny_model), rank)
+    return load(tiny_model)
 
 
-class Collector:
-    """A sink that records events and signals when every prompt finished."""
-
-    def __init__(self, count: int) -> None:
-        self.events: List[TokenEvent] = []
-        self.done = threading.Event()
-        self.pending = count
-
-    def __call__(self, event: TokenEvent) -> None:
-        self.events.append(event)
-        if event.finish_reason:
-            self.pending -= 1
-            if self.pending == 0:
-                self.done.set()
-
-    def texts(self) -> Dict[int, str]:
-        out: Dict[int, str] = {}
-        for event in self.events:
-            out[event.index] = out.get(event.index, "") + event.text
-        return out
-
-    def final(self, index: int) -> TokenEvent:
-        return [e for e in self.events if e.index == index and e.finish_reason][-1]
+def _loop(tiny_model, kind: str, **kwargs):
+    """A fresh model per loop: the static and paged caches patch the model they serve."""
+    cache, _, pipelined = kind.partition("-")
+    extra = dict(max_length=512) if cache == "static" else {}
+    return loop_for(load(tiny_model), cache, pipelined=bool(pipelined), **extra, **kwargs)
 
 
-@pytest.fixture(params=["dynamic", "static-pipelined"])
-def generator(loaded, request):
-    """The loop as it runs by default, and as it runs on a GPU with kv_cache="static"
-    (slot cache, device-resident tokens, host work one step behind the forward)."""
-    state = None
-    if request.param == "static-pipelined":
-        from mii_engines.runtime.kv.slots import StaticBatchState
-
-        state = StaticBatchState(loaded.model, loaded.device, max_rows=8,
-                                 max_len=min(loaded.context_length, 512), bucketed_prefill=True)
-    gen = Generator(loaded, replica=0, max_batch_size=8, max_queue_size=16, state=state,
-                    pipelined=state is not None)
-    thread = threading.Thread(target=gen.run, daemon=True)
-    thread.start()
-    yield gen
-    gen.stop()
-    thread.join(timeout=10)
-    assert not thread.is_alive()
-
-
-def run(gen: Generator, prompts: List[str], **params) -> Collector:
-    sink = Collector(len(prompts))
-    gen.submit(prompts, GenerateParamsConfig(**params), sink)
-    assert sink.done.wait(60), "generation did not finish"
-    return sink
-
-
-GREEDY = dict(do_sample=False, max_new_tokens=24, ignore_eos=True)
+@pytest.fixture(scope="module", params=KINDS)
+def generator(tiny_model, request):
+    """The loop as it runs by default on CPU (dynamic), as it runs on a GPU with the paged
+    cache (pipelined: device-resident tokens, host work one step behind the forward), and
+    with kv_cache="static"."""
+    with running(_loop(tiny_model, request.param)) as loop:
+        yield loop
 
 
 def test_batched_greedy_equals_one_at_a_time(generator):
@@ -90,8 +47,7 @@ def test_request_joining_mid_generation_gets_same_tokens(generator):
     long_run = Collector(1)
     generator.submit([PROMPTS[0]], GenerateParamsConfig(do_sample=False, max_new_tokens=200,
                                                         ignore_eos=True, stream=True), long_run)
-    while not long_run.events:  # wait until the first request is decoding
-        time.sleep(0.005)
+    assert long_run.first.wait(30)  # the first request is decoding
     joined = run(generator, [PROMPTS[1]], **GREEDY)
     assert not long_run.done.is_set(), "the first request should still be running"
     assert joined.texts()[0] == expected
@@ -114,32 +70,27 @@ def test_mixed_sampling_params_in_one_batch(generator):
     assert lengths == [5, 24, 24]
 
 
-@pytest.mark.parametrize("pipelined", [False, True])
-def test_cancellation_frees_the_slot(loaded, pipelined):
-    state = None
-    if pipelined:
-        from mii_engines.runtime.kv.slots import StaticBatchState
-
-        state = StaticBatchState(loaded.model, loaded.device, max_rows=1, max_len=512)
-    gen = Generator(loaded, replica=0, max_batch_size=1, max_queue_size=4, state=state,
-                    pipelined=pipelined)
-    thread = threading.Thread(target=gen.run, daemon=True)
-    thread.start()
-    try:
+@pytest.mark.parametrize("kind", KINDS)
+def test_cancellation_frees_the_slot(tiny_model, kind):
+    loop = _loop(tiny_model, kind, max_batch_size=1, max_queue_size=4)
+    with running(loop):
+        release = threading.Event()
         blocker = Collector(1)
-        handle = gen.submit([PROMPTS[0]], GenerateParamsConfig(max_new_tokens=400,
-                                                               ignore_eos=True), blocker)
+
+        def gated(event):  # holds the loop at the blocker's first token until released
+            blocker(event)
+            release.wait(30)
+
+        handle = loop.submit([PROMPTS[0]], GenerateParamsConfig(
+            max_new_tokens=200, ignore_eos=True, stream=True, do_sample=False), gated)
+        assert blocker.first.wait(30)  # it holds the only slot
         waiting = Collector(1)
-        gen.submit([PROMPTS[1]], GenerateParamsConfig(**GREEDY), waiting)
-        time.sleep(0.2)
-        assert not waiting.done.is_set()  # the only slot is taken
+        loop.submit([PROMPTS[1]], GenerateParamsConfig(**GREEDY), waiting)
         handle.cancel()
+        release.set()
         assert blocker.done.wait(10) and blocker.final(0).finish_reason == "cancelled"
         assert waiting.done.wait(30) and waiting.final(0).finish_reason == "length"
-        assert gen.stats()["cancelled"] == 1
-    finally:
-        gen.stop()
-        thread.join(timeout=10)
+        assert loop.stats()["cancelled"] == 1
 
 
 def test_max_length_short_vs_long(generator):
@@ -184,21 +135,27 @@ def test_streaming_deltas_concatenate_to_unary_text(generator):
     assert len(streamed.events) > 4
 
 
-def test_eos_finishes_with_stop(loaded, generator):
+@pytest.mark.parametrize("kind", KINDS)
+def test_eos_finishes_with_stop(tiny_model, kind):
+    cache, _, pipelined = kind.partition("-")
+    loaded = load(tiny_model)
     eos = loaded.tokenizer.eos_token_id
 
     def favour_eos(module, inputs, output):  # make EOS the most likely token
         output[..., eos] += 1e4
         return output
 
-    hook = loaded.model.lm_head.register_forward_hook(favour_eos)
-    try:
-        out = run(generator, [PROMPTS[0]], do_sample=False, max_new_tokens=20)
-        delayed = run(generator, [PROMPTS[0]], do_sample=False, max_new_tokens=20,
-                      min_new_tokens=3)
-        ignored = run(generator, [PROMPTS[0]], do_sample=False, max_new_tokens=6, ignore_eos=True)
-    finally:
-        hook.remove()
+    extra = dict(max_length=512) if cache == "static" else {}
+    with running(loop_for(loaded, cache, pipelined=bool(pipelined), **extra)) as generator:
+        hook = loaded.model.lm_head.register_forward_hook(favour_eos)
+        try:
+            out = run(generator, [PROMPTS[0]], do_sample=False, max_new_tokens=20)
+            delayed = run(generator, [PROMPTS[0]], do_sample=False, max_new_tokens=20,
+                          min_new_tokens=3)
+            ignored = run(generator, [PROMPTS[0]], do_sample=False, max_new_tokens=6,
+                          ignore_eos=True)
+        finally:
+            hook.remove()
     assert out.final(0).finish_reason == "stop" and out.final(0).token_count == 1
     assert delayed.final(0).finish_reason == "stop" and delayed.final(0).token_count == 4
     assert ignored.final(0).finish_reason == "length" and ignored.final(0).token_count == 6
@@ -211,7 +168,7 @@ def test_prompt_too_long_is_rejected_with_field(generator):
 
 
 def test_queue_bound_answers_overloaded(loaded):
-    gen = Generator(loaded, replica=0, max_batch_size=1, max_queue_size=2)  # loop not running
+    gen = loop_for(loaded, max_batch_size=1, max_queue_size=2)  # not running
     gen.submit(["a"], GenerateParamsConfig(), Collector(1))
     gen.submit(["b"], GenerateParamsConfig(), Collector(1))
     with pytest.raises(ServerOverloaded, match="queue is full"):
@@ -229,7 +186,7 @@ def test_greedy_matches_transformers_generate(generator, loaded):
 
 
 def test_engine_failure_fails_every_request_and_stops_the_loop(loaded):
-    gen = Generator(loaded, replica=0, max_batch_size=1, max_queue_size=4)
+    gen = loop_for(loaded, max_batch_size=1, max_queue_size=4)
     running, queued = Collector(1), Collector(1)
     gen.submit([PROMPTS[0]], GenerateParamsConfig(**GREEDY), running)
     gen.submit([PROMPTS[1]], GenerateParamsConfig(**GREEDY), queued)
@@ -260,33 +217,25 @@ def _run_and_catch(gen):
     return None
 
 
-@pytest.fixture
-def static_generator(loaded):
-    from mii_engines.runtime.kv.slots import StaticBatchState
-
-    state = StaticBatchState(loaded.model, loaded.device, max_rows=4, max_len=160)
-    gen = Generator(loaded, replica=0, max_batch_size=4, max_queue_size=32, state=state)
-    thread = threading.Thread(target=gen.run, daemon=True)
-    thread.start()
-    yield gen
-    gen.stop()
-    thread.join(timeout=10)
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    with running(_loop(tiny_model, "dynamic")) as loop:
+        yield loop
 
 
-def test_static_cache_gives_the_dynamic_cache_tokens(generator, static_generator):
-    assert run(static_generator, PROMPTS, **GREEDY).texts() == run(generator, PROMPTS,
-                                                                    **GREEDY).texts()
+def test_every_cache_gives_the_dynamic_cache_tokens(generator, reference):
+    assert run(generator, PROMPTS, **GREEDY).texts() == run(reference, PROMPTS, **GREEDY).texts()
 
 
-def test_static_cache_rows_leave_and_join(generator, static_generator):
-    """Rows of different lengths leave at different steps; queued ones take their slots."""
-    lengths = [5, 40, 12, 30, 7, 25, 18, 3]
-    expected = [run(generator, [PROMPTS[i % 4]], do_sample=False, max_new_tokens=n,
+def test_rows_leave_and_join(generator, reference):
+    """Rows of different lengths leave at different steps; queued ones take their place."""
+    lengths = [5, 40, 12, 30, 7, 25, 18, 3, 9, 33]
+    expected = [run(reference, [PROMPTS[i % 4]], do_sample=False, max_new_tokens=n,
                     ignore_eos=True).texts()[0] for i, n in enumerate(lengths)]
     sinks = []
     for i, n in enumerate(lengths):
         sink = Collector(1)
-        static_generator.submit([PROMPTS[i % 4]], GenerateParamsConfig(
+        generator.submit([PROMPTS[i % 4]], GenerateParamsConfig(
             do_sample=False, max_new_tokens=n, ignore_eos=True), sink)
         sinks.append(sink)
     assert all(sink.done.wait(60) for sink in sinks)

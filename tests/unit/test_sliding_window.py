@@ -3,22 +3,18 @@ use_sliding_window: some layers) give transformers' own greedy tokens through bo
 batch states, with prompts several windows long. Real forward passes, tiny models."""
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
-from test_fast_path import compiled_matching_eager
-from test_generation import GREEDY, PROMPTS, run
+from engine_helpers import CPU, GREEDY, PROMPTS, loop_for, make_loop, run, running
+from test_fast_path import compiled_matching_eager, slot_state
 
 from mii_core.config.models import ModelConfig
-from mii_core.plugins.interfaces import RankInfo
-from mii_engines.runtime.kv.dynamic import BatchState
-from mii_engines.runtime.kv.slots import StaticBatchState, make_state
-from mii_engines.runtime.loop import Generator
+from mii_engines.runtime.kv.dynamic import DynamicState
+from mii_engines.runtime.kv.rows import RowSpace
+from mii_engines.runtime.kv.slots import SlotState
 from mii_engines.runtime.runner.masks import MaskRule
 from mii_engines.transformers.engine import TransformersEngine
 
-CPU = RankInfo(replica=0, rank=0, world_size=1, local_rank=0, device="cpu", dist_port=0)
 WINDOW = 4
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, sliding_window=WINDOW)
@@ -51,7 +47,9 @@ def sliding_model(request, tiny_model, tmp_path_factory):
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     path = _save(request.param, tmp_path_factory.mktemp(request.param), tokenizer)
-    return TransformersEngine().load(ModelConfig(model_name_or_path=path), CPU)
+    loaded = TransformersEngine().load(ModelConfig(model_name_or_path=path), CPU)
+    loaded.path = path  # for a fresh copy (the paged cache patches the model it serves)
+    return loaded
 
 
 def _reference(loaded, prompts, max_new_tokens):
@@ -71,16 +69,18 @@ def _reference(loaded, prompts, max_new_tokens):
 
 
 def _generate(loaded, state):
-    gen = Generator(loaded, replica=0, max_batch_size=4, max_queue_size=8, state=state,
-                    pipelined=False)
-    thread = threading.Thread(target=gen.run, daemon=True)
-    thread.start()
-    try:
-        texts = run(gen, PROMPTS, **GREEDY).texts()
+    space = RowSpace(getattr(state, "max_len", loaded.context_length), "rows")
+    with running(make_loop(loaded, state, space, max_batch_size=4, max_queue_size=8)) as loop:
+        texts = run(loop, PROMPTS, **GREEDY).texts()
         return [texts[index] for index in range(len(PROMPTS))]
-    finally:
-        gen.stop()
-        thread.join(timeout=10)
+
+
+def _generate_paged(path: str):
+    """The same prompts through the paged cache, on a fresh copy of the model."""
+    loaded = TransformersEngine().load(ModelConfig(model_name_or_path=path), CPU)
+    with running(loop_for(loaded, "paged", max_batch_size=4)) as loop:
+        texts = run(loop, PROMPTS, **GREEDY).texts()
+        return [texts[index] for index in range(len(PROMPTS))]
 
 
 def test_the_rule_reads_the_layer_types(sliding_model):
@@ -92,16 +92,18 @@ def test_the_rule_reads_the_layer_types(sliding_model):
 def test_both_batch_states_give_transformers_tokens(sliding_model, monkeypatch):
     assert max(len(sliding_model.tokenizer(p)["input_ids"]) for p in PROMPTS) > 2 * WINDOW
     expected = _reference(sliding_model, PROMPTS, GREEDY["max_new_tokens"])
-    dynamic = _generate(sliding_model, BatchState(sliding_model.model, sliding_model.device))
-    static = _generate(sliding_model, make_state(sliding_model, "static", 4, True, 1))
+    dynamic = _generate(sliding_model, DynamicState(sliding_model.model, sliding_model.device))
+    paged = _generate_paged(sliding_model.path)
+    static = _generate(sliding_model, slot_state(sliding_model))
     # The prefill-graph path (bucketed, left-padded prompts), run eagerly on the CPU.
-    bucketed = _generate(sliding_model, StaticBatchState(
+    bucketed = _generate(sliding_model, SlotState(
         sliding_model.model, sliding_model.device, 4, 128, bucketed_prefill=True))
     assert dynamic == expected and static == expected and bucketed == expected
+    assert paged == expected
     # The window changes the tokens: without it the same engine gives other text.
     monkeypatch.setattr(MaskRule, "build", lambda self, allowed, queries, keys: allowed)
-    assert _generate(sliding_model, BatchState(sliding_model.model,
-                                               sliding_model.device)) != expected
+    assert _generate(sliding_model, DynamicState(sliding_model.model,
+                                                 sliding_model.device)) != expected
 
 
 def test_a_multimodal_wrapper_s_window_is_read_from_its_text_config():

@@ -1,6 +1,6 @@
 """A preallocated ("static") KV cache with one slot per running row, and CUDA-graph decode.
 
-Same contract as :class:`mii_engines.runtime.kv.dynamic.BatchState` (``apply(plan)``), so the
+Same contract as :class:`mii_engines.runtime.kv.dynamic.DynamicState` (``apply(plan)``), so the
 batching loop does not care which one runs. Differences:
 
 - Every row owns a slot of a preallocated [rows, kv_heads, slot_width, head_dim]
@@ -29,14 +29,14 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from mii_engines.runtime.kv.dynamic import (
-    PREFILL_TOKENS_PER_STEP,
-    BatchState,
-    left_padded,
-)
+from mii_engines.runtime.kv.dynamic import left_padded
+from mii_engines.runtime.kv.interface import KVStats
+from mii_engines.runtime.kv.rows import RowState
 from mii_engines.runtime.patches.attention import NAME as DECODE_ATTENTION
 from mii_engines.runtime.patches.attention import bind_slots, write_step
+from mii_engines.runtime.patches.modules import attention_modules
 from mii_engines.runtime.runner.compile import RegionalCompile, repeated_blocks
+from mii_engines.runtime.runner.forward import HFForward
 from mii_engines.runtime.runner.graphs import capture, doubling
 from mii_engines.runtime.runner.host_copy import Staging, to_device
 from mii_engines.runtime.runner.masks import text_config
@@ -115,19 +115,19 @@ class SlotCache:
                           self.write_pos[:rows])
 
 
-class StaticBatchState:
+class SlotState(RowState):
     """Running rows in fixed slots; decode steps replayed from CUDA graphs on GPUs."""
 
     takes_device_tokens = True  # decode inputs may be the previous step's device tensor
 
     def __init__(self, model: Any, device: torch.device, max_rows: int, max_len: int,
                  cuda_graphs: bool = True, compile_decode: bool = False,
-                 bucketed_prefill: bool = False) -> None:
+                 bucketed_prefill: bool = False, prefill_budget: int = 8192) -> None:
         self.model = model
         self.device = device
         self.max_rows = max_rows
         self.max_len = max_len
-        self.eager = BatchState(model, device)  # forward call and mask rules
+        self.forward = HFForward(model, device)  # forward call and mask rules
         self.lengths: List[int] = []  # tokens held by each running row
         self.use_graphs = cuda_graphs and device.type == "cuda"
         self.graphs: Dict[Tuple[int, int], Tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -143,7 +143,7 @@ class StaticBatchState:
                               None) == DECODE_ATTENTION
         self.prefill_graphs: Optional[PrefillGraphs] = None
         if self.use_graphs or bucketed_prefill:
-            self.prefill_graphs = PrefillGraphs(self, PREFILL_TOKENS_PER_STEP)
+            self.prefill_graphs = PrefillGraphs(self, prefill_budget)
         # Decode through the attention modules' own slots (no cache object), if every
         # layer's attention module can be found.
         self.attention_modules = (attention_modules(model, layers) if self.narrow else None)
@@ -170,11 +170,14 @@ class StaticBatchState:
         """Number of running rows."""
         return len(self.lengths)
 
-    # The same three operations in the same order as the dynamic state.
-    apply = BatchState.apply
+    def stats(self) -> KVStats:
+        """Slot bytes and the prefill rows computed only to fill a graph bucket."""
+        size = sum(t.numel() * t.element_size() for t in self.cache.keys + self.cache.values)
+        return KVStats(kind="slots", bytes_total=size, padded_rows=(
+            self.prefill_graphs.padded_rows if self.prefill_graphs else 0))
 
     # -- decode ----------------------------------------------------------------------------
-    def _decode(self, tokens: Union[List[int], torch.Tensor]) -> torch.Tensor:
+    def decode(self, tokens: Union[List[int], torch.Tensor]) -> torch.Tensor:
         """One step for every row; ``tokens`` may already be on the device (pipelined loop)."""
         rows = len(tokens)
         assert rows == self.rows, "decode rows mismatch"
@@ -213,10 +216,10 @@ class StaticBatchState:
         with regions:
             out = self.model(input_ids=self.inputs[0, :bucket, None],
                              position_ids=positions[:, None],
-                             attention_mask=self.eager._mask_for_model(
+                             attention_mask=self.forward.mask(
                                  allowed, positions[:, None], self.columns[None, :width]),
                              cache_position=positions[:1], use_cache=cache is not None,
-                             logits_to_keep=1, **{self.eager.cache_arg: cache})
+                             logits_to_keep=1, **{self.forward.cache_arg: cache})
         return out.logits[:, -1, :]
 
     def _bind_slots(self) -> bool:
@@ -300,7 +303,7 @@ class StaticBatchState:
         """
         started = time.perf_counter()
         with torch.inference_mode():
-            self._prefill([[0] * 4])  # any token: shapes only
+            self.prefill([[0] * 4])  # any token: shapes only
             if self.use_graphs:
                 first = None
                 for bucket in sorted(self.buckets(), reverse=True):  # largest first: pool reuse
@@ -320,13 +323,14 @@ class StaticBatchState:
                          self.warm_up_times)
             else:
                 self._forward(1, self.widths()[0])
-            self._select([])
+            self.select([])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - started
 
     # -- prefill and leaving rows -----------------------------------------------------------
-    def _prefill(self, prompts: List[List[int]]) -> torch.Tensor:
+    def prefill(self, prompts: List[List[int]]) -> torch.Tensor:
+        """Prefill ``prompts`` into free slots after the running rows."""
         lengths = [len(p) for p in prompts]
         if self.rows + len(prompts) > self.max_rows:
             raise RuntimeError(f"more than {self.max_rows} rows for the static cache")
@@ -343,7 +347,8 @@ class StaticBatchState:
         self.lengths += lengths
         return logits
 
-    def _select(self, keep: List[int]) -> None:
+    def select(self, keep: List[int]) -> None:
+        """Compact the rows ``keep`` into the first slots."""
         moved = [(new, old) for new, old in enumerate(keep) if new != old]
         if moved:
             target = to_device([new for new, _ in moved], self.device)
@@ -352,21 +357,6 @@ class StaticBatchState:
                 keys[target] = keys[source]  # the gather copies before the scatter writes
                 values[target] = values[source]
         self.lengths = [self.lengths[old] for old in keep]
-
-
-def attention_modules(model: Any, layers: int) -> Optional[List[Any]]:
-    """Each layer's attention module (the innermost module whose ``layer_idx`` is that
-    layer), in layer order; None when some layer has none or several."""
-    found: Dict[int, List[Any]] = {}
-    for module in model.modules():
-        index = getattr(module, "layer_idx", None)
-        if isinstance(index, int) and not any(
-                getattr(child, "layer_idx", None) == index for child in module.modules()
-                if child is not module):
-            found.setdefault(index, []).append(module)
-    if sorted(found) != list(range(layers)) or any(len(m) != 1 for m in found.values()):
-        return None
-    return [found[index][0] for index in range(layers)]
 
 
 def fitting_length(bytes_per_token: int, rows: int, free_bytes: int, context: int,
@@ -413,24 +403,21 @@ def size_slots(loaded: Any, max_rows: int) -> None:
         loaded.context_length = length
 
 
-def make_state(loaded: Any, kv_cache: str, max_rows: int, cuda_graphs: bool,
-               world_size: int, compile_decode: bool = False,
-               length_given: bool = True) -> Any:
-    """The batch state the configuration asks for (same on every rank of a replica)."""
-    if kv_cache == "static":
-        single = world_size == 1
-        # Ranks of one replica must agree on the length; each sees only its own memory.
-        if not length_given and single and loaded.device.type == "cuda":
-            size_slots(loaded, max_rows)
-        from mii_engines.runtime.patches.attention import use_grouped_decode_attention
+def make_slot_state(loaded: Any, max_rows: int, cuda_graphs: bool, world_size: int,
+                    compile_decode: bool, length_given: bool, prefill_budget: int) -> SlotState:
+    """``kv_cache="static"``: slots of ``max_length`` tokens (the same on every rank)."""
+    single = world_size == 1
+    # Ranks of one replica must agree on the length; each sees only its own memory.
+    if not length_given and single and loaded.device.type == "cuda":
+        size_slots(loaded, max_rows)
+    from mii_engines.runtime.patches.attention import use_grouped_decode_attention
 
-        use_grouped_decode_attention(loaded.model)
-        if single:  # sharded (AutoTP) layers are not plain nn.Linear; fusing is for tp=1
-            from mii_engines.runtime.patches.fusion import fuse_projections
+    use_grouped_decode_attention(loaded.model)
+    if single:  # sharded (AutoTP) layers are not plain nn.Linear; fusing is for tp=1
+        from mii_engines.runtime.patches.fusion import fuse_projections
 
-            fuse_projections(loaded.model)
-        # NCCL collectives inside captured graphs are not set up here: eager for TP > 1.
-        return StaticBatchState(loaded.model, loaded.device, max_rows, loaded.context_length,
-                                cuda_graphs=cuda_graphs and single,
-                                compile_decode=compile_decode and single)
-    return BatchState(loaded.model, loaded.device)
+        fuse_projections(loaded.model)
+    # NCCL collectives inside captured graphs are not set up here: eager for TP > 1.
+    return SlotState(loaded.model, loaded.device, max_rows, loaded.context_length,
+                     cuda_graphs=cuda_graphs and single, compile_decode=compile_decode and single,
+                     prefill_budget=prefill_budget)

@@ -30,3 +30,27 @@ def doubling(start: int, limit: int) -> List[int]:
         sizes.append(size)
         size *= 2
     return sizes + [limit]
+
+
+def row_buckets(max_rows: int) -> List[int]:
+    """Row counts that get a graph: 1, 2, 4, 8, then every multiple of 8. Requests that
+    arrive over a few steps join in uneven groups (say 20); padding 20 rows to 32 would
+    cost 60 % more than to 24."""
+    sizes = [r for r in (1, 2, 4) if r < max_rows] + list(range(8, max_rows, 8))
+    return sizes + [max_rows]
+
+
+def token_buckets(max_tokens: int, smallest: int = 16) -> List[int]:
+    """Token counts of mixed steps that get a graph: powers of two to 512, then steps of
+    a quarter of the power below (768, 1024, 1280, ...): at most ~25 % padding."""
+    sizes, size = [], smallest
+    while size < min(512, max_tokens):
+        sizes.append(size)
+        size *= 2
+    step = 256
+    while size < max_tokens:
+        sizes.append(size)
+        if size >= 4 * step:
+            step *= 2
+        size += step
+    return sizes + [max_tokens]

@@ -9,7 +9,7 @@ both layer types take a dict of masks keyed by layer type.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -52,3 +52,24 @@ class MaskRule:
         if self.mixed:
             return {"full_attention": allowed, "sliding_attention": sliding}
         return sliding
+
+
+def left_padded_mask(lengths: torch.Tensor, width: int
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For prompts right-aligned in ``width`` columns (``lengths`` [rows] on the device,
+    0 for a padding row): which columns hold tokens [rows, width], the causal
+    [rows, width, width] ``allowed`` mask, and each column's position [rows, width].
+
+    A padding query attends to itself, or its output is NaN and would poison the
+    cache of the layers above. Computed on the device from the lengths alone, so a
+    captured graph replays it for any prompts.
+    """
+    device = lengths.device
+    column = torch.arange(width, device=device)
+    pad = width - lengths[:, None]
+    valid = column[None, :] >= pad
+    causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
+    allowed = (causal[None] & valid[:, None, :]) | torch.eye(width, dtype=torch.bool,
+                                                              device=device)[None]
+    positions = (column[None, :] - pad).clamp(min=0)
+    return valid, allowed, positions

@@ -16,8 +16,9 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from mii_engines.runtime.runner.graphs import capture
+from mii_engines.runtime.runner.graphs import capture, row_buckets
 from mii_engines.runtime.runner.host_copy import Staging
+from mii_engines.runtime.runner.masks import left_padded_mask
 
 log = logging.getLogger(__name__)
 
@@ -34,34 +35,18 @@ def _widths(smallest: int, widest: int) -> List[int]:
     return sizes + [widest]
 
 
-def _row_buckets(max_rows: int) -> List[int]:
-    """1, 2, 4, 8, then every multiple of 8: requests that arrive over a few steps join
-    in uneven groups (say 20), and a prefill is compute-bound from ~8 rows of 128
-    tokens on, so padding 20 rows to 32 would cost 60 % more than 24."""
-    sizes = [r for r in (1, 2, 4) if r < max_rows] + list(range(8, max_rows, 8))
-    return sizes + [max_rows]
-
-
 def prefill_into_slots(state: Any, ids: torch.Tensor, lengths: torch.Tensor,
                        start: Union[int, torch.Tensor]) -> torch.Tensor:
     """Prefill left-padded ``ids`` [rows, width] into the slots from ``start`` on; the
     mask, positions and slot columns are computed on the device from each row's length
     (0 for a padding row), so a captured graph replays it for any prompts."""
     rows, width = ids.shape
-    device = state.device
-    column = torch.arange(width, device=device)
-    pad = width - lengths[:, None]  # [rows, 1]
-    valid = column[None, :] >= pad  # [rows, width]: key columns holding prompt tokens
-    causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()
-    # A padding query attends to itself, or its output is NaN and poisons the layers above.
-    allowed = (causal[None] & valid[:, None, :]) | torch.eye(width, dtype=torch.bool,
-                                                              device=device)[None]
-    positions = (column[None, :] - pad).clamp(min=0)
-    columns = torch.where(valid, column[None, :] - pad, state.max_len)  # padding -> scratch
-    slots = (start + torch.arange(rows, device=device)).clamp(max=state.max_rows - 1)
+    valid, allowed, positions = left_padded_mask(lengths, width)
+    columns = torch.where(valid, positions, state.max_len)  # padding -> scratch column
+    slots = (start + torch.arange(rows, device=ids.device)).clamp(max=state.max_rows - 1)
     state.cache.prefill_to = (slots[:, None], columns)
     try:
-        return state.eager._forward(ids, allowed[:, None], positions, state.cache)
+        return state.forward(ids, allowed[:, None], positions, state.cache)
     finally:
         state.cache.prefill_to = None
 
@@ -74,7 +59,7 @@ class PrefillGraphs:
         # Longer prompts (rare, and compute-bound anyway) are prefilled eagerly.
         widest = min(state.max_len, token_budget)
         self.widths = _widths(min_width, widest)
-        self.row_buckets = _row_buckets(state.max_rows)
+        self.row_buckets = row_buckets(state.max_rows)
         self.padded_rows = 0  # rows computed only to fill a bucket (a batching figure)
         self.graphs: Dict[Tuple[int, int], Tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         device, rows, width = state.device, state.max_rows, self.widths[-1]

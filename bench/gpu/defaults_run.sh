@@ -1,0 +1,74 @@
+#!/bin/bash
+# Fast by default, on one GPU (device kind nvidia-h200; carry [".whl", ".anchors"]):
+#   bash bench/gpu/defaults_run.sh [MODEL]      # MODEL: llama1b (default) or mistral7b
+# 1. ours installed into /tmp/site (install.sh), FastGen (.anchors/whl) into /tmp/site_mii;
+#    the model built meanwhile (anchors.py build / the Mistral-7B shape);
+# 2. FastGen's CUDA ops JIT-compiled in the background (they take ~170 s on a fresh
+#    machine), while the paged kernels are checked and ours warms up; the timed runs wait
+#    for it (WAIT_FOR), so that no compilation shares the CPU with a measurement;
+# 3. ours with mii.serve(model) defaults, then FastGen, same prompts (workload_bench.py).
+# Env: OURS_CASES, FASTGEN_CASES, SERVE_EXTRA (JSON), SKIP_FASTGEN=1, SKIP_KERNELS=1.
+# Results under $OUT: workload.jsonl, kernels.jsonl, run.log.
+set -u
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$REPO" || exit 1
+WHICH=${1:-llama1b}
+export OUT=${OUT:-/tmp/defaults_out} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false TORCH_CUDA_ARCH_LIST=9.0 DS_BUILD_OPS=0
+export MII_HOME=${MII_HOME:-/tmp/mii_home} NCCL_NVLS_ENABLE=0
+export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/run.log") 2>&1
+START=$(date +%s)
+stamp() { echo "=== $(( $(date +%s) - START ))s: $*"; }
+IMAGE_PYTHONPATH=${PYTHONPATH:-}
+if [ "$WHICH" = mistral7b ]; then
+  export MODEL_DIR=/tmp/mistral7b VOCAB=32000
+  build() { PYTHONPATH=$IMAGE_PYTHONPATH SYSTEM=build_mistral MODEL_DIR=$MODEL_DIR python3 .anchors/workload.py; }
+else
+  export MODEL_DIR=/tmp/llama1b VOCAB=128000
+  build() { PYTHONPATH=$IMAGE_PYTHONPATH python3 bench/gpu/anchors.py build; }
+fi
+stamp "start: $(nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader)"
+[ -f "$MODEL_DIR/config.json" ] || { build > "$OUT/build.log" 2>&1; stamp "model built rc=$?"; } &
+build_pid=$!
+SITE=/tmp/site PY=python3 bash bench/gpu/install.sh > "$OUT/install.log" 2>&1
+stamp "ours installed rc=$? ($(tail -1 "$OUT/install.log" | cut -c1-200))"
+JIT_DONE=/tmp/fastgen_jit.done
+if [ "${SKIP_FASTGEN:-0}" != 1 ] && [ ! -f $JIT_DONE ]; then
+  ( python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site_mii .anchors/whl/*.whl \
+      > "$OUT/fastgen_jit.log" 2>&1
+    export PYTHONPATH=/tmp/site_mii:/tmp/site MAX_JOBS=4
+    for b in InferenceCoreBuilder RaggedOpsBuilder RaggedUtilsBuilder InferenceCutlassBuilder; do
+      python3 -c "from deepspeed.ops.op_builder import $b as B; B().load()" >> "$OUT/fastgen_jit.log" 2>&1 &
+    done
+    wait; touch $JIT_DONE ) &
+  stamp "FastGen JIT started in the background"
+else
+  touch $JIT_DONE
+fi
+export PYTHONPATH=/tmp/site:$REPO
+if [ "${SKIP_KERNELS:-0}" != 1 ]; then
+  timeout 120 python3 bench/gpu/kernel_check.py > "$OUT/kernels.log" 2>&1
+  stamp "kernel check rc=$? $(grep -c '"ok": false' "$OUT/kernels.log") failing; $(grep time_decode "$OUT/kernels.log" | cut -c1-160 | tr '\n' ' ')"
+fi
+wait $build_pid
+stamp "model ready"
+LABEL=ours_defaults SYSTEM=ours CASES="${OURS_CASES:-c128 mixed128 mixed512}" WAIT_FOR=$JIT_DONE \
+  timeout 420 python3 bench/gpu/workload_bench.py
+rc=$?
+stamp "ours done rc=$rc"
+if [ $rc != 0 ] && [ -n "${RETRY_EXTRA:-}" ]; then  # which part failed: e.g. '{"torch_compile": false}'
+  grep -h 'Error\|error' "$MII_HOME"/logs/*.log 2>/dev/null | tail -5
+  LABEL=ours_retry SYSTEM=ours CASES=c128 SERVE_EXTRA=$RETRY_EXTRA timeout 300 python3 bench/gpu/workload_bench.py
+  stamp "retry done rc=$?"
+fi
+grep -h '\[progress\]\|WARNING\|Error' "$MII_HOME"/logs/*.log 2>/dev/null | tail -40
+if [ "${SKIP_FASTGEN:-0}" != 1 ]; then
+  LABEL=fastgen SYSTEM=fastgen CASES="${FASTGEN_CASES:-c128 mixed128}" PYTHONPATH=/tmp/site_mii:/tmp/site \
+    timeout 300 python3 bench/gpu/workload_bench.py 2>&1 | grep -v '^\[' | tail -30
+  stamp "fastgen done"
+fi
+ps -eo pid,args | grep -F "$MII_HOME/deployments" | grep -v grep && echo "=== WARNING: processes of ours left"
+grep -h RESULT "$OUT"/*.log 2>/dev/null | grep -v '"kind": "check"' | cut -c1-400
+stamp "end"

@@ -1,0 +1,115 @@
+"""The paged-attention kernels on the GPU: checked against the torch reference, then timed.
+
+    python3 bench/gpu/kernel_check.py      # JSON lines to $OUT/kernels.jsonl
+
+Correctness: random caches, block tables, query lengths and context lengths (decode and
+mixed steps, GQA, sliding windows, softcap) in bf16 and fp32; ||out - ref|| / ||ref||
+against the reference computed in fp32 from the same inputs; outputs poisoned with NaN
+first. Timing (CUDA graphs of 50 launches, median of 5): decode at the Llama-1B and
+Mistral-7B head shapes, bytes of K/V read per call over the time = achieved bandwidth.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from mii_engines.runtime.kernels.paged_attention import (  # noqa: E402
+    paged_attention, reference_paged_attention)
+
+OUT = os.environ.get("OUT", "/tmp")
+
+
+def log(**fields):
+    line = json.dumps(fields)
+    print("RESULT", line, flush=True)
+    with open(os.path.join(OUT, "kernels.jsonl"), "a") as out:
+        out.write(line + "\n")
+
+
+def inputs(seed, decode_only, heads, kv_heads, dim, dtype, block=16, max_blocks=64, seqs=None):
+    rnd = random.Random(seed)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    num_seqs = seqs or rnd.randint(1, 12)
+    blocks = num_seqs * max_blocks + 1
+    kc = torch.randn(blocks, block, kv_heads, dim, generator=gen, device="cuda").to(dtype)
+    vc = torch.randn(blocks, block, kv_heads, dim, generator=gen, device="cuda").to(dtype)
+    perm = torch.randperm(blocks - 1, generator=gen, device="cuda") + 1
+    tables = perm[:num_seqs * max_blocks].view(num_seqs, max_blocks).to(torch.int32).contiguous()
+    q_lens = [1 if decode_only else rnd.choice([0, 1, rnd.randint(1, 300)]) for _ in range(num_seqs)]
+    lens = [max(q, rnd.randint(q, max_blocks * block)) if q else 0 for q in q_lens]
+    starts = [0]
+    for q in q_lens:
+        starts.append(starts[-1] + q)
+    tokens = starts[-1] + rnd.randint(0, 5)
+    q = torch.randn(tokens, heads, dim, generator=gen, device="cuda").to(dtype)
+    i32 = dict(dtype=torch.int32, device="cuda")
+    return q, kc, vc, tables, torch.tensor(lens, **i32), torch.tensor(starts, **i32)
+
+
+def check() -> bool:
+    ok = True
+    shapes = [(32, 8, 64), (32, 8, 128), (8, 1, 256), (12, 12, 64)]
+    for seed in range(24):
+        heads, kv_heads, dim = shapes[seed % len(shapes)]
+        for dtype in (torch.bfloat16, torch.float32):
+            decode_only = seed % 2 == 0
+            window = [0, 0, 37, 300][seed % 4]
+            softcap = 30.0 if seed % 5 == 4 else 0.0
+            args = inputs(seed, decode_only, heads, kv_heads, dim, dtype)
+            out = torch.full_like(args[0], float("nan"))
+            paged_attention(*args, scale=dim ** -0.5, window=window, softcap=softcap,
+                            decode_only=decode_only, out=out)
+            ref = torch.empty(args[0].shape, dtype=torch.float32, device="cuda")
+            fargs = [a.float() if a.is_floating_point() else a for a in args]
+            reference_paged_attention(*fargs, ref, dim ** -0.5, window, softcap)
+            torch.cuda.synchronize()
+            error = float((out.float() - ref).norm() / ref.norm().clamp(min=1e-6))
+            limit = 2e-2 if dtype == torch.bfloat16 else 1e-3
+            good = error == error and error < limit and not torch.isnan(out).any().item()
+            ok &= good
+            log(kind="check", seed=seed, dtype=str(dtype), heads=heads, kv_heads=kv_heads,
+                dim=dim, decode_only=decode_only, window=window, softcap=softcap,
+                error=error, ok=good)
+    return ok
+
+
+def time_decode(seqs, context, heads, kv_heads, dim, block=16):
+    max_blocks = -(-context // block)
+    args = list(inputs(0, True, heads, kv_heads, dim, torch.bfloat16, block, max_blocks, seqs))
+    args[4] = torch.full((seqs,), context, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(args[0])
+    call = lambda: paged_attention(*args, scale=dim ** -0.5, decode_only=True, out=out)  # noqa
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(50):
+            call()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 50 * 1e-3)
+    seconds = statistics.median(times)
+    kv_bytes = 2 * seqs * context * kv_heads * dim * 2
+    log(kind="time_decode", seqs=seqs, context=context, heads=heads, kv_heads=kv_heads, dim=dim,
+        us=round(seconds * 1e6, 2), kv_gb_s=round(kv_bytes / seconds / 1e9, 1))
+
+
+if __name__ == "__main__":
+    good = check()
+    for seqs, context in ((1, 256), (64, 256), (256, 640), (64, 4096)):
+        time_decode(seqs, context, 32, 8, 64)
+        time_decode(seqs, context, 32, 8, 128)
+    log(kind="summary", all_ok=good)
+    sys.exit(0 if good else 1)

@@ -1,0 +1,53 @@
+"""Turning a submitted request into sequences: tokenize, check lengths, build them.
+
+Runs on the transport's thread (not the loop's): tokenizing a long prompt costs time
+that the engine loop should not wait for.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, List
+
+from mii_core.config.models import GenerateParamsConfig
+from mii_core.errors import InvalidGenerateParams
+from mii_core.plugins.interfaces import RequestInfo, TokenEvent
+from mii_engines.runtime.detokenize import TextStream
+from mii_engines.runtime.requests import Request, Sequence
+
+
+class Intake:
+    """Tokenizes prompts and checks them against what the replica can serve."""
+
+    def __init__(self, tokenizer, context_length: int, cache_tokens: int, replica: int) -> None:
+        self.tokenizer = tokenizer
+        self.context_length = context_length  # the model's (or max_length)
+        self.cache_tokens = cache_tokens  # the longest sequence the KV cache can hold
+        self.replica = replica
+        self.eos = tokenizer.eos_token_id
+
+    def request(self, request_id: int, prompts: List[str], params: GenerateParamsConfig,
+                sink: Callable[[TokenEvent], None]) -> Request:
+        """A request with one sequence per prompt; InvalidGenerateParams names the prompt."""
+        limit = min(self.context_length, self.cache_tokens)
+        encoded, budgets = [], []
+        for index, prompt in enumerate(prompts):
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            if not ids:
+                raise InvalidGenerateParams(f"prompts[{index}]: the prompt encodes to no tokens")
+            budget = params.new_token_budget(len(ids), limit)
+            if budget < 1:
+                allowed = min(params.max_length, limit)
+                raise InvalidGenerateParams(
+                    f"prompts[{index}]: the prompt has {len(ids)} tokens, which leaves no room "
+                    f"to generate under max_length={params.max_length} (the model accepts "
+                    f"{self.context_length} tokens; the limit here is {allowed})")
+            encoded.append(ids)
+            budgets.append(budget)
+        info = RequestInfo(request_id, len(prompts), params, self.replica, time.time(),
+                           prompt_tokens=[len(ids) for ids in encoded])
+        request = Request(info, sink, pending=len(prompts))
+        eos = None if params.ignore_eos else self.eos
+        request.sequences = [Sequence(request, index, ids, budget, TextStream(self.tokenizer,
+                                                                               params.stop), eos)
+                             for index, (ids, budget) in enumerate(zip(encoded, budgets))]
+        return request

@@ -1,0 +1,411 @@
+"""Triton kernels of paged attention, launched by ``paged_attention`` for CUDA tensors.
+
+Two kernels share one inner loop (``_attend_keys``: gather a tile of keys/values through
+the block table, online softmax in fp32, base-2 exponentials):
+
+- ``_decode_kernel`` (``decode_only``): flash-decoding. Grid (max(S, T), KVH, splits);
+  program (s, kvh, k) takes every query head of kv head ``kvh`` at once (the group is the M
+  dimension of the ``tl.dot``, padded to 16) over the k-th share of seq s's keys. With one
+  split it writes the output; with more it writes (max, sum, acc) partials that
+  ``_combine_kernel`` (grid (S, KVH)) merges.
+- ``_varlen_kernel`` (prefill chunks, mixed steps): grid (cdiv(T, BLOCK_Q) + S, KVH); a
+  program finds its (seq, query tile) by binary search over ``query_start`` and takes
+  BLOCK_Q queries x the group's heads as its M rows.
+
+Every grid depends on shapes only and nothing here reads a tensor on the host, so a call
+can be captured in a CUDA graph. Importing this module needs triton, not a GPU: the tests
+run the kernels in triton's interpreter on CPU tensors.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LOG2E_C = tl.constexpr(LOG2E)  # the same, for the kernels (globals they read are constexpr)
+# Start of the running max: finite, so a row that has seen only masked keys so far gets
+# exp2(-inf - (-1e30)) = 0 instead of exp2(-inf - -inf) = NaN.
+MAX_START = tl.constexpr(-1.0e30)
+# More splits than this only adds combine work; a power of two keeps the split sizes even.
+MAX_DECODE_SPLITS = 32
+
+
+@triton.jit
+def _softcapped(scores, softcap):
+    """softcap * tanh(scores / softcap); tanh via exp saturates to +-1 without NaN."""
+    return softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
+
+
+@triton.jit
+def _attend_keys(q, m_i, l_i, acc, k_ptr, v_ptr, table_row_ptr, kv_head, key_start, key_end,
+                 q_pos, window, qk_scale, softcap,
+                 stride_block, stride_slot, stride_head,
+                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 D_P2: tl.constexpr, PER_ROW_MASK: tl.constexpr, USE_WINDOW: tl.constexpr,
+                 USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax of the rows ``q`` over key positions [key_start, key_end).
+
+    ``m_i``/``l_i``/``acc`` are the running max (base 2), sum and output of each row.
+    With PER_ROW_MASK, row r sees position p only if p <= q_pos[r] (and p > q_pos[r] -
+    window); otherwise every row sees the whole range (decode: the range is already the
+    window ending at the query). Block-table entries past key_end are never read.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_P2)
+    d_ok = offs_d < HEAD_DIM
+    for tile_start in range(key_start, key_end, BLOCK_N):
+        pos = tile_start + offs_n
+        key_ok = pos < key_end
+        block = tl.load(table_row_ptr + pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+        row_off = block * stride_block + (pos % BLOCK_SIZE) * stride_slot + kv_head * stride_head
+        tile_ok = key_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + row_off[:, None] + offs_d[None, :], mask=tile_ok, other=0.0)
+        v = tl.load(v_ptr + row_off[:, None] + offs_d[None, :], mask=tile_ok, other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if USE_SOFTCAP:
+            scores = _softcapped(scores, softcap) * LOG2E_C
+        visible = key_ok[None, :]
+        if PER_ROW_MASK:
+            visible = visible & (pos[None, :] <= q_pos[:, None])
+            if USE_WINDOW:
+                visible = visible & (pos[None, :] > q_pos[:, None] - window)
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+# Counts and the window change from step to step: not specialised, so no new compile.
+@triton.jit(do_not_specialize=["num_seqs", "num_tokens", "window"])
+def _decode_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+                   q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, query_start_ptr,
+                   num_seqs, num_tokens, num_heads, window, qk_scale, softcap,
+                   stride_qt, stride_qh, stride_ot, stride_oh, stride_table,
+                   stride_block, stride_slot, stride_head,
+                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   D_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """Program (i, kvh, split): seq i's share ``split`` of its keys; and, in split 0, the
+    zeros of padding token i (i >= query_start[S])."""
+    i = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, D_P2)
+    heads = kv_head * GROUP + offs_g
+    rows_ok = (offs_g < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :]
+
+    if split == 0:
+        real_tokens = tl.load(query_start_ptr + num_seqs)
+        if (i >= real_tokens) & (i < num_tokens):
+            zeros = tl.zeros([GROUP_PAD, D_P2], dtype=out_ptr.dtype.element_ty)
+            tl.store(out_ptr + i * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                     zeros, mask=rows_ok)
+
+    if i < num_seqs:
+        token = tl.load(query_start_ptr + i)
+        q_len = tl.load(query_start_ptr + i + 1) - token
+        if q_len > 0:
+            seq_len = tl.load(seq_lens_ptr + i)
+            first_key = 0
+            if USE_WINDOW:
+                first_key = tl.maximum(seq_len - window, 0)
+            tiles = tl.cdiv(seq_len - first_key, BLOCK_N)
+            split_keys = tl.cdiv(tiles, SPLITS) * BLOCK_N
+            key_start = first_key + split * split_keys
+            key_end = tl.minimum(key_start + split_keys, seq_len)
+
+            q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                        mask=rows_ok, other=0.0)
+            m_i = tl.full([GROUP_PAD], MAX_START, dtype=tl.float32)
+            l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+            acc = tl.zeros([GROUP_PAD, D_P2], dtype=tl.float32)
+            m_i, l_i, acc = _attend_keys(
+                q, m_i, l_i, acc, k_ptr, v_ptr, tables_ptr + i * stride_table, kv_head,
+                key_start, key_end, offs_g, window, qk_scale, softcap,
+                stride_block, stride_slot, stride_head,
+                BLOCK_SIZE, BLOCK_N, HEAD_DIM, D_P2, False, USE_WINDOW, USE_SOFTCAP,
+                DOT_PRECISION)
+            if SPLITS == 1:
+                result = acc / l_i[:, None]
+                tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh
+                         + offs_d[None, :], result.to(out_ptr.dtype.element_ty), mask=rows_ok)
+            else:
+                # Partials [S, H, SPLITS] and [S, H, SPLITS, HEAD_DIM]; an empty share
+                # stores (MAX_START, 0, 0), which weighs nothing in the combine.
+                part = (i * num_heads + heads) * SPLITS + split
+                g_ok = offs_g < GROUP
+                tl.store(part_m_ptr + part, m_i, mask=g_ok)
+                tl.store(part_l_ptr + part, l_i, mask=g_ok)
+                tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
+                         mask=rows_ok)
+
+
+@triton.jit
+def _combine_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, query_start_ptr,
+                    num_heads, stride_ot, stride_oh,
+                    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    D_P2: tl.constexpr, SPLITS: tl.constexpr):
+    """Program (s, kvh): merge seq s's split partials of kv head kvh's query heads."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    token = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - token
+    if q_len > 0:
+        offs_g = tl.arange(0, GROUP_P2)
+        offs_d = tl.arange(0, D_P2)
+        g_ok = offs_g < GROUP
+        rows_ok = g_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        heads = kv_head * GROUP + offs_g
+        first = (seq * num_heads + heads) * SPLITS
+        m_all = tl.full([GROUP_P2], MAX_START, dtype=tl.float32)
+        for k in range(SPLITS):
+            m_all = tl.maximum(m_all, tl.load(part_m_ptr + first + k, mask=g_ok,
+                                              other=MAX_START))
+        total = tl.zeros([GROUP_P2], dtype=tl.float32)
+        acc = tl.zeros([GROUP_P2, D_P2], dtype=tl.float32)
+        for k in range(SPLITS):
+            weight = tl.exp2(tl.load(part_m_ptr + first + k, mask=g_ok, other=MAX_START) - m_all)
+            total += weight * tl.load(part_l_ptr + first + k, mask=g_ok, other=0.0)
+            acc += weight[:, None] * tl.load(
+                part_acc_ptr + (first + k)[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=rows_ok, other=0.0)
+        result = acc / total[:, None]
+        tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 result.to(out_ptr.dtype.element_ty), mask=rows_ok)
+
+
+@triton.jit(do_not_specialize=["num_seqs", "num_tokens", "window"])
+def _varlen_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, query_start_ptr,
+                   num_seqs, num_tokens, window, qk_scale, softcap,
+                   stride_qt, stride_qh, stride_ot, stride_oh, stride_table,
+                   stride_block, stride_slot, stride_head,
+                   GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   D_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
+                   BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """Program (tile, kvh): BLOCK_Q queries of one seq x kv head kvh's query heads.
+
+    Seq s owns tiles [query_start[s] // BLOCK_Q + s, ...): that start grows by at least
+    cdiv(q_len, BLOCK_Q) from one seq to the next, so cdiv(T, BLOCK_Q) + S programs cover
+    every seq's tiles, and the tiles from query_start[S] // BLOCK_Q + S on cover the
+    padding tokens [query_start[S], T), which are written with zeros.
+    """
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    # The largest s in [0, S] whose first tile is <= tile (s == S: the padding tokens).
+    lo: tl.int32 = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if tl.load(query_start_ptr + mid) // BLOCK_Q + mid <= tile:
+            lo = mid
+        else:
+            hi = mid - 1
+    seq = lo
+    token_start = tl.load(query_start_ptr + seq)
+    is_padding = seq == num_seqs
+    token_end = tl.where(is_padding, num_tokens,
+                         tl.load(query_start_ptr + tl.minimum(seq + 1, num_seqs)))
+    q_len = token_end - token_start
+    local = tile - (token_start // BLOCK_Q + seq)
+
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P2
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_P2)
+    q_idx = local * BLOCK_Q + offs_m // GROUP_P2
+    in_group = offs_m % GROUP_P2
+    row_ok = (q_idx < q_len) & (in_group < GROUP)
+    tile_ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    tokens = token_start + q_idx
+    heads = kv_head * GROUP + in_group
+    out_ptrs = out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+
+    if local * BLOCK_Q < q_len:
+        if is_padding:
+            tl.store(out_ptrs, tl.zeros([BLOCK_M, D_P2], dtype=out_ptr.dtype.element_ty),
+                     mask=tile_ok)
+        else:
+            seq_len = tl.load(seq_lens_ptr + seq)
+            context = seq_len - q_len  # positions before this step's first query
+            q_pos = context + q_idx
+            key_end = context + tl.minimum(q_len, (local + 1) * BLOCK_Q)
+            key_start = 0
+            if USE_WINDOW:
+                key_start = tl.maximum(context + local * BLOCK_Q - window + 1, 0)
+            q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh
+                        + offs_d[None, :], mask=tile_ok, other=0.0)
+            m_i = tl.full([BLOCK_M], MAX_START, dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, D_P2], dtype=tl.float32)
+            m_i, l_i, acc = _attend_keys(
+                q, m_i, l_i, acc, k_ptr, v_ptr, tables_ptr + seq * stride_table, kv_head,
+                key_start, key_end, q_pos, window, qk_scale, softcap,
+                stride_block, stride_slot, stride_head,
+                BLOCK_SIZE, BLOCK_N, HEAD_DIM, D_P2, True, USE_WINDOW, USE_SOFTCAP,
+                DOT_PRECISION)
+            # Rows past q_len saw nothing (l_i = 0): they are masked out of the store.
+            result = acc / tl.where(row_ok, l_i, 1.0)[:, None]
+            tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Tile sizes and launch options of one kernel, chosen from shapes only."""
+
+    block_m: int  # rows of the score tile (queries x group heads)
+    block_n: int  # keys per inner-loop step
+    num_warps: int
+    num_stages: int
+
+
+def varlen_tiles(head_dim: int, group: int, element_size: int) -> Tiles:
+    """Tiles of the varlen kernel: 128 x 64 for 2-byte types up to head_dim 128; halved
+    where shared memory (K and V tiles per pipeline stage) or registers would run out."""
+    d_p2 = _pow2(head_dim)
+    if element_size <= 2 and d_p2 <= 128:
+        block_m, block_n, warps = 128, 64, 8
+    elif element_size <= 2:
+        block_m, block_n, warps = 64, 32, 8
+    elif d_p2 <= 128:
+        block_m, block_n, warps = 64, 32, 4
+    else:
+        block_m, block_n, warps = 32, 16, 8
+    return Tiles(max(block_m, _pow2(group)), block_n, warps, 2)
+
+
+def decode_tiles(head_dim: int, element_size: int) -> Tiles:
+    """Tiles of the decode kernel: the group padded to 16 rows, 64 keys a step (32 for
+    head_dim 256 or fp32, so two stages of K and V stay well inside shared memory)."""
+    block_n = 64 if element_size <= 2 and _pow2(head_dim) <= 128 else 32
+    return Tiles(16, block_n, 4, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, block_size: int,
+                  block_n: int, multiprocessors: int) -> int:
+    """How many shares of its keys each (seq, kv head) of a decode step is split into.
+
+    Enough programs to fill the GPU about twice when S x KVH is small, 1 when it is
+    large; never more shares than key tiles in the longest context the table can hold
+    (max_blocks x block_size): a shape-only choice, so one graph serves any lengths.
+    """
+    programs = max(1, num_seqs * num_kv_heads)
+    wanted = -(-2 * multiprocessors // programs)
+    most_tiles = max(1, -(-max_blocks * block_size // block_n))
+    return max(1, min(wanted, most_tiles, MAX_DECODE_SPLITS))
+
+
+def _pow2(value: int) -> int:
+    return triton.next_power_of_2(max(1, value))
+
+
+@dataclass
+class Launch:
+    """One kernel launch: ``kernel[grid](**args, **constants, **options)``."""
+
+    kernel: triton.JITFunction
+    grid: Tuple[int, ...]
+    args: Dict[str, Any]  # the runtime arguments, by name
+    constants: Dict[str, Any]  # the constexpr arguments, by name
+    num_warps: int
+    num_stages: int
+
+    def run(self) -> None:
+        """Launch it."""
+        self.kernel[self.grid](**self.args, **self.constants, num_warps=self.num_warps,
+                               num_stages=self.num_stages)
+
+
+def plan_launches(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                  block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                  query_start: torch.Tensor, out: torch.Tensor, scale: float, window: int,
+                  softcap: float, decode_only: bool,
+                  splits: Optional[int] = None) -> List[Launch]:
+    """The launches that write paged attention into ``out`` (arguments as
+    ``paged_attention``'s, already checked), with the split-KV scratch they need allocated.
+
+    ``splits`` forces the decode kernel's number of key shares (tests, benchmarks); by
+    default it comes from ``decode_splits`` (1 for tensors that are not on a GPU).
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    num_seqs, max_blocks = block_tables.shape
+    if num_tokens == 0:
+        return []
+    group = num_heads // num_kv_heads
+    use_softcap = softcap > 0.0
+    # Without softcap the base-2 factor folds into the scale; with it, it follows the tanh.
+    qk_scale = scale if use_softcap else scale * LOG2E
+    d_p2 = max(16, _pow2(head_dim))
+    common = dict(
+        GROUP=group, HEAD_DIM=head_dim, D_P2=d_p2, BLOCK_SIZE=block_size,
+        USE_WINDOW=window > 0, USE_SOFTCAP=use_softcap,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32")
+    inputs = dict(
+        q_ptr=query, k_ptr=key_cache, v_ptr=value_cache, tables_ptr=block_tables,
+        seq_lens_ptr=seq_lens, query_start_ptr=query_start, num_seqs=num_seqs,
+        num_tokens=num_tokens, window=window, qk_scale=qk_scale, softcap=softcap,
+        stride_qt=query.stride(0), stride_qh=query.stride(1), stride_ot=out.stride(0),
+        stride_oh=out.stride(1), stride_table=block_tables.stride(0),
+        stride_block=key_cache.stride(0), stride_slot=key_cache.stride(1),
+        stride_head=key_cache.stride(2))
+    if not decode_only:
+        tiles = varlen_tiles(head_dim, group, query.element_size())
+        group_p2 = _pow2(group)
+        block_q = tiles.block_m // group_p2
+        return [Launch(_varlen_kernel, (triton.cdiv(num_tokens, block_q) + num_seqs,
+                                        num_kv_heads),
+                       dict(out_ptr=out, **inputs),
+                       dict(common, GROUP_P2=group_p2, BLOCK_Q=block_q,
+                            BLOCK_N=tiles.block_n), tiles.num_warps, tiles.num_stages)]
+    tiles = decode_tiles(head_dim, query.element_size())
+    if splits is None:
+        splits = (decode_splits(num_seqs, num_kv_heads, max_blocks, block_size, tiles.block_n,
+                                _multiprocessors(query.device.index or 0))
+                  if query.is_cuda else 1)
+    # Partials [S, H, splits] (running max, sum) and [S, H, splits, D] (output); with one
+    # split the kernel writes ``out`` directly and never touches them.
+    part_m = torch.empty((num_seqs, num_heads, splits) if splits > 1 else (1,),
+                         dtype=torch.float32, device=query.device)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty((num_seqs, num_heads, splits, head_dim) if splits > 1 else (1,),
+                           dtype=torch.float32, device=query.device)
+    partials = dict(part_m_ptr=part_m, part_l_ptr=part_l, part_acc_ptr=part_acc)
+    launches = [Launch(_decode_kernel, (max(num_seqs, num_tokens), num_kv_heads, splits),
+                       dict(out_ptr=out, **partials, **inputs, num_heads=num_heads),
+                       dict(common, GROUP_PAD=max(16, _pow2(group)), BLOCK_N=tiles.block_n,
+                            SPLITS=splits), tiles.num_warps, tiles.num_stages)]
+    if splits > 1 and num_seqs > 0:
+        launches.append(Launch(
+            _combine_kernel, (num_seqs, num_kv_heads),
+            dict(out_ptr=out, **partials, query_start_ptr=query_start, num_heads=num_heads,
+                 stride_ot=out.stride(0), stride_oh=out.stride(1)),
+            dict(GROUP=group, GROUP_P2=_pow2(group), HEAD_DIM=head_dim, D_P2=d_p2,
+                 SPLITS=splits), num_warps=4, num_stages=1))
+    return launches
+
+
+def run_paged_attention(query: torch.Tensor, key_cache: torch.Tensor,
+                        value_cache: torch.Tensor, block_tables: torch.Tensor,
+                        seq_lens: torch.Tensor, query_start: torch.Tensor, out: torch.Tensor,
+                        scale: float, window: int, softcap: float, decode_only: bool,
+                        splits: Optional[int] = None) -> None:
+    """Write paged attention into ``out``: every launch of ``plan_launches``, in order."""
+    for launch in plan_launches(query, key_cache, value_cache, block_tables, seq_lens,
+                                query_start, out, scale, window, softcap, decode_only, splits):
+        launch.run()

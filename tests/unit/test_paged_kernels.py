@@ -1,0 +1,60 @@
+"""The Triton paged-attention kernels against the torch reference, in Triton's interpreter
+on CPU tensors (the GPU run of the same check is ``bench/gpu/kernel_check.py``).
+
+Random caches, block tables, query and context lengths; decode (with and without
+split-KV) and mixed steps; GQA, sliding windows, softcap, padding tokens. Outputs are
+poisoned with NaN first, so an unwritten element fails."""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+triton = pytest.importorskip("triton", reason="triton is not installed")
+
+from mii_engines.runtime.kernels.paged_attention import reference_paged_attention  # noqa: E402
+from mii_engines.runtime.kernels.triton_paged import (  # noqa: E402
+    decode_splits, run_paged_attention)
+
+
+def _case(seed, decode_only, heads, kv_heads, dim, block):
+    rnd = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    seqs, max_blocks, pool = rnd.randint(1, 4), 6, 40
+    keys = torch.randn(pool, block, kv_heads, dim, generator=gen)
+    values = torch.randn(pool, block, kv_heads, dim, generator=gen)
+    tables = (torch.randperm(pool - 1, generator=gen)[:seqs * max_blocks] + 1)
+    tables = tables.view(seqs, max_blocks).to(torch.int32).contiguous()
+    q_lens = [1 if decode_only else rnd.choice([0, 1, rnd.randint(2, 11)]) for _ in range(seqs)]
+    lens = [rnd.randint(q, max_blocks * block) if q else 0 for q in q_lens]
+    starts = [0]
+    for q_len in q_lens:
+        starts.append(starts[-1] + q_len)
+    query = torch.randn(starts[-1] + rnd.randint(0, 3), heads, dim, generator=gen)
+    return (query, keys, values, tables, torch.tensor(lens, dtype=torch.int32),
+            torch.tensor(starts, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("decode_only,splits", [(True, None), (True, 3), (False, None)])
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (0, 4.0), (7, 4.0)])
+@pytest.mark.parametrize("heads,kv_heads,dim,block", [(4, 2, 16, 4), (6, 6, 8, 8),
+                                                      (8, 1, 24, 4)])
+def test_kernels_match_the_reference(decode_only, splits, window, softcap, heads, kv_heads,
+                                     dim, block):
+    for seed in range(3):
+        args = _case(seed * 100 + heads + dim, decode_only, heads, kv_heads, dim, block)
+        expected = torch.full_like(args[0], float("nan"))
+        got = torch.full_like(args[0], float("nan"))
+        reference_paged_attention(*args, expected, dim ** -0.5, window, softcap)
+        run_paged_attention(*args, got, dim ** -0.5, window, softcap, decode_only, splits)
+        assert not torch.isnan(got).any()
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_decode_splits_fill_the_gpu_only_when_the_batch_does_not():
+    assert decode_splits(1, 8, 256, 16, 64, 132) == 32  # capped at MAX_DECODE_SPLITS
+    assert decode_splits(64, 8, 256, 16, 64, 132) == 1
+    assert decode_splits(1, 8, 2, 16, 64, 132) == 1  # never more shares than key tiles
