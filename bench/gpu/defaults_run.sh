@@ -54,6 +54,14 @@ if [ "${SKIP_KERNELS:-0}" != 1 ]; then
 fi
 wait $build_pid
 stamp "model ready"
+if [ -n "${PROBE_VARIANTS:-}" ]; then  # in-process step times and kernel tables (probe_paged.py)
+  timeout 300 python3 bench/gpu/probe_paged.py $PROBE_VARIANTS 2>&1 | grep -v '^\[' | grep 'RESULT\|Error\|Self CUDA\|^ *[a-z_:A-Z]' | head -60
+  stamp "probe done"
+fi
+if [ -n "${PROBE_INDEX:-}" ]; then  # the same with the KV write outside the op (A/B)
+  MII_PAGED_WRITE=index VARIANT_SUFFIX=_indexwrite timeout 200 python3 bench/gpu/probe_paged.py $PROBE_INDEX 2>&1 | grep 'RESULT\|Error' | head
+  stamp "probe (index write) done"
+fi
 LABEL=ours_defaults SYSTEM=ours CASES="${OURS_CASES:-c128 mixed128 mixed512}" WAIT_FOR=$JIT_DONE \
   timeout 420 python3 bench/gpu/workload_bench.py
 rc=$?

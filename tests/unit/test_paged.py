@@ -304,8 +304,8 @@ def test_logits_that_disagree_with_the_model_are_refused(tiny_model, monkeypatch
     kernels = importlib.import_module("mii_engines.runtime.kernels.paged_attention")
 
     loaded = load(tiny_model)
-    real = kernels.paged_attention
-    monkeypatch.setattr(kernels, "paged_attention",
+    real = kernels.write_and_attend
+    monkeypatch.setattr(kernels, "write_and_attend",
                         lambda *args, **kwargs: real(*args, **kwargs) * 0.5)
     config = ModelConfig(model_name_or_path="x", max_batch_size=2, kv_blocks=16)
     with pytest.raises(ConfigError, match="logits differ from the model's own"):
@@ -366,3 +366,32 @@ def test_a_graph_is_captured_over_a_padding_step_whatever_ran_before(tiny_model)
         assert (state.meta.query_start[:seqs + 1] == 0).all()
         assert (state.meta.seq_lens[:seqs] == 0).all()
         assert int(state.positions[:tokens].max()) == 0
+
+
+def test_write_and_attend_writes_the_step_then_attends_over_it():
+    """The one op the model calls: the step's keys/values land at their slots (and
+    nowhere else), and the output is the reference attention over the updated pool."""
+    from mii_engines.runtime.kernels.paged_attention import (reference_paged_attention,
+                                                             write_and_attend)
+
+    gen = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(6, 4, 2, 8, generator=gen), torch.randn(6, 4, 2, 8, generator=gen)
+    before_keys, before_values = keys.clone(), values.clone()
+    tables = torch.tensor([[2, 5, 0], [1, 3, 4]], dtype=torch.int32)
+    # seq 0: 3 cached tokens + 2 new (positions 3, 4 -> block 2 slot 3, block 5 slot 0);
+    # seq 1: one decode token at position 9 (block 4 slot 1); then a padding token.
+    slots = torch.tensor([2 * 4 + 3, 5 * 4 + 0, 4 * 4 + 1, 0])
+    new_keys, new_values = torch.randn(4, 2, 8, generator=gen), torch.randn(4, 2, 8, generator=gen)
+    query = torch.randn(4, 4, 8, generator=gen)
+    lens, starts = torch.tensor([5, 10], dtype=torch.int32), torch.tensor([0, 2, 3], dtype=torch.int32)
+    out = write_and_attend(query, new_keys, new_values, slots, keys, values, tables, lens, starts,
+                           scale=8 ** -0.5)
+    flat_keys, flat_before = keys.view(-1, 2, 8), before_keys.view(-1, 2, 8)
+    assert torch.equal(flat_keys[slots], new_keys)
+    assert torch.equal(values.view(-1, 2, 8)[slots], new_values)
+    untouched = torch.ones(24, dtype=torch.bool)
+    untouched[slots] = False
+    assert torch.equal(flat_keys[untouched], flat_before[untouched])
+    expected = torch.empty_like(query)
+    reference_paged_attention(query, keys, values, tables, lens, starts, expected, 8 ** -0.5, 0, 0.0)
+    assert torch.equal(out, expected)

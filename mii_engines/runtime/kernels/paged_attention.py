@@ -205,3 +205,57 @@ def _paged_attention_fake(query: Tensor, key_cache: Tensor, value_cache: Tensor,
                           decode_only: bool) -> None:
     """Under torch.compile the op is opaque: it only writes ``out``, allocates nothing."""
     return None
+
+
+def write_and_attend(query: Tensor, new_keys: Tensor, new_values: Tensor, slot_mapping: Tensor,
+                     key_cache: Tensor, value_cache: Tensor, block_tables: Tensor,
+                     seq_lens: Tensor, query_start: Tensor, scale: float, window: int = 0,
+                     softcap: float = 0.0, decode_only: bool = False) -> Tensor:
+    """Write the step's keys/values ``new_keys``/``new_values`` [T, KVH, D] into the pool
+    at ``slot_mapping`` [T] (block * block_size + offset), then ``paged_attention``.
+
+    One opaque op for both, so that under torch.compile the pools are never an output
+    of the graph: the compiler sees them as inputs the op reads, and never clones them
+    to functionalize a write (a clone of the pool per layer would cost more than the
+    whole step). The pools are the op's state, as a KV cache is an attention layer's.
+    """
+    check_arguments(query, key_cache, value_cache, block_tables, seq_lens, query_start,
+                    scale, window, softcap, None)
+    if new_keys.shape != new_values.shape or new_keys.shape[1:] != key_cache.shape[2:]:
+        raise ValueError(f"paged_attention: new_keys/new_values must be [T, KVH, D] with "
+                         f"KVH, D = {tuple(key_cache.shape[2:])}, got "
+                         f"{tuple(new_keys.shape)} / {tuple(new_values.shape)}")
+    out = torch.empty_like(query)
+    torch.ops.mii.write_and_attend(query, new_keys, new_values, slot_mapping, key_cache,
+                                   value_cache, block_tables, seq_lens, query_start, out,
+                                   float(scale), int(window), float(softcap), bool(decode_only))
+    return out
+
+
+def _write(new_keys: Tensor, new_values: Tensor, slot_mapping: Tensor, key_cache: Tensor,
+           value_cache: Tensor) -> None:
+    tokens = new_keys.shape[0]
+    key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, slot_mapping[:tokens], new_keys)
+    value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, slot_mapping[:tokens],
+                                                             new_values)
+
+
+@torch.library.custom_op("mii::write_and_attend", mutates_args=("out",))
+def _write_and_attend_op(query: Tensor, new_keys: Tensor, new_values: Tensor,
+                         slot_mapping: Tensor, key_cache: Tensor, value_cache: Tensor,
+                         block_tables: Tensor, seq_lens: Tensor, query_start: Tensor,
+                         out: Tensor, scale: float, window: int, softcap: float,
+                         decode_only: bool) -> None:
+    """The write, then the attention op's own dispatch (the reference or Triton)."""
+    _write(new_keys, new_values, slot_mapping, key_cache, value_cache)
+    torch.ops.mii.paged_attention(query, key_cache, value_cache, block_tables, seq_lens,
+                                  query_start, out, scale, window, softcap, decode_only)
+
+
+@_write_and_attend_op.register_fake
+def _write_and_attend_fake(query: Tensor, new_keys: Tensor, new_values: Tensor,
+                           slot_mapping: Tensor, key_cache: Tensor, value_cache: Tensor,
+                           block_tables: Tensor, seq_lens: Tensor, query_start: Tensor,
+                           out: Tensor, scale: float, window: int, softcap: float,
+                           decode_only: bool) -> None:
+    return None

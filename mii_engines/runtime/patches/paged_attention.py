@@ -5,7 +5,7 @@ model to it. The model is then called with every token of a step packed into one
 row (``input_ids`` [1, T]) and no cache object; each attention module hands us its
 queries, keys and values for those T tokens (rotary already applied). Here the keys
 and values are written into the layer's block pool at each token's slot, then
-every query attends over its own sequence's blocks (``kernels/paged_attention.py``).
+every query attends over its own sequence's blocks, in one op (``kernels/paged_attention.py``).
 
 What a step needs besides the model's own inputs travels in ``PagedMeta``: static
 tensors, registered as buffers on every attention module so that one compiled
@@ -52,7 +52,7 @@ def paged_attention_forward(module: Any, query: torch.Tensor, key: torch.Tensor,
                             softcap: Optional[float] = None, **kwargs: Any
                             ) -> Tuple[torch.Tensor, None]:
     """transformers' attention-function signature; output [1, T, heads, head_dim]."""
-    from mii_engines.runtime.kernels.paged_attention import paged_attention
+    from mii_engines.runtime.kernels.paged_attention import write_and_attend
 
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention sinks (s_aux) are not supported by mii_paged")
@@ -64,17 +64,17 @@ def paged_attention_forward(module: Any, query: torch.Tensor, key: torch.Tensor,
     tokens = query.shape[2]
     seqs = attention_mask.shape[-1]
     slots = module.mii_slot_mapping[:tokens]
-    # [1, heads, T, dim] -> [T, heads, dim]
-    keys_pool.view(-1, *keys_pool.shape[2:]).index_copy_(0, slots, key[0].transpose(0, 1))
-    module.mii_value_pool.view(-1, *module.mii_value_pool.shape[2:]).index_copy_(
-        0, slots, value[0].transpose(0, 1))
     window = sliding_window if isinstance(sliding_window, int) and sliding_window > 0 else 0
-    out = paged_attention(query[0].transpose(0, 1), keys_pool, module.mii_value_pool,
-                          module.mii_block_tables[:seqs], module.mii_seq_lens[:seqs],
-                          module.mii_query_start[:seqs + 1],
-                          scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
-                          window=window, softcap=float(softcap or 0.0),
-                          decode_only=meta.decode_only)
+    common = dict(scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
+                  window=window, softcap=float(softcap or 0.0), decode_only=meta.decode_only)
+    # [1, heads, T, dim] -> [T, heads, dim]. The write happens inside the op: written as
+    # index_copy_ on the pools in the compiled layer, torch.compile (torch 2.11, H200)
+    # functionalized it into two copies of the whole pool per layer, 34 ms a step
+    # instead of 1.4 (bench/gpu/probe_paged.py, docs/benchmarks.md).
+    out = write_and_attend(query[0].transpose(0, 1), key[0].transpose(0, 1),
+                           value[0].transpose(0, 1), slots, keys_pool, module.mii_value_pool,
+                           module.mii_block_tables[:seqs], module.mii_seq_lens[:seqs],
+                           module.mii_query_start[:seqs + 1], **common)
     return out[None], None
 
 

@@ -1,0 +1,102 @@
+"""The paged KV cache in-process on the GPU: where a step's time goes.
+
+    python3 bench/gpu/probe_paged.py [VARIANT ...]   # JSON lines to $OUT/probe_paged.jsonl
+
+Each variant loads the model (transformers engine, bf16), builds rank 0's loop exactly
+as a replica does (``runtime.service.build_service``) with its settings, and runs
+prompts of 128 tokens + 64 new (greedy, ignore_eos) at 1 and 16 rows: in-process tok/s
+(no gRPC), then a torch.profiler table of the GPU kernels over one 16-row run
+(``$OUT/profile_<variant>.txt``). Variants: compiled (the defaults), eager (no
+torch.compile), nographs (no CUDA graphs, no compile).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from mii_core.config.models import GenerateParamsConfig, ModelConfig  # noqa: E402
+from mii_core.plugins.interfaces import RankInfo  # noqa: E402
+from mii_engines.runtime import service  # noqa: E402
+from mii_engines.transformers.engine import TransformersEngine  # noqa: E402
+
+OUT = os.environ.get("OUT", "/tmp")
+MODEL = os.environ.get("MODEL_DIR", "/tmp/llama1b")
+VARIANTS = {"compiled": {}, "eager": {"torch_compile": False},
+            "nographs": {"torch_compile": False, "cuda_graphs": False}}
+DEVICE = os.environ.get("DEVICE", "cuda:0")  # DEVICE=cpu: a dry run on the tiny model
+RANK = RankInfo(replica=0, rank=0, world_size=1, local_rank=0, device=DEVICE, dist_port=0)
+
+
+def log(**fields):
+    line = json.dumps(fields)
+    print("RESULT", line, flush=True)
+    with open(os.path.join(OUT, "probe_paged.jsonl"), "a") as out:
+        out.write(line + "\n")
+
+
+def generate(loop, count: int, new: int) -> float:
+    prompt = " ".join(f"w{100 + i}" for i in range(128 if DEVICE != "cpu" else 8))
+    done, pending = threading.Event(), [count]
+
+    def sink(event):
+        if event.finish_reason:
+            pending[0] -= 1
+            if pending[0] == 0:
+                done.set()
+
+    started = time.perf_counter()
+    loop.submit([prompt] * count, GenerateParamsConfig(max_new_tokens=new, do_sample=False,
+                                                       ignore_eos=True), sink)
+    if not done.wait(300):
+        raise RuntimeError("generation did not finish")
+    return time.perf_counter() - started
+
+
+def probe(name: str, settings: dict) -> None:
+    name += os.environ.get("VARIANT_SUFFIX", "")
+    # a third of the GPU: the next variant loads while this one's memory is returned
+    extra = {"kv_cache": "paged", "kv_blocks": 512} if DEVICE == "cpu" else {
+        "gpu_memory_utilization": 0.3}
+    config = ModelConfig(model_name_or_path=MODEL, dtype="bfloat16" if DEVICE != "cpu" else
+                         "float32", **extra, **settings)
+    loaded = TransformersEngine().load(config, RANK)
+    started = time.perf_counter()
+    loop = service.build_service(loaded, config, RANK, max_queue_size=1024)
+    built = time.perf_counter() - started
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    try:
+        generate(loop, 4, 8)
+        for rows in (1, 16, 64):
+            seconds = generate(loop, rows, 64)
+            log(variant=name, rows=rows, tok_s=round(rows * 64 / seconds, 1),
+                ms_per_step=round(seconds / 64 * 1e3, 2), build_s=round(built, 1))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                                torch.profiler.ProfilerActivity.CPU]) as prof:
+            generate(loop, 16, 16)
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+        with open(os.path.join(OUT, f"profile_{name}.txt"), "w") as out:
+            out.write(table)
+        print(table[:4000], flush=True)
+    finally:
+        loop.stop()
+        thread.join(timeout=30)
+        del loop, loaded
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    for variant in sys.argv[1:] or list(VARIANTS):
+        try:
+            probe(variant, VARIANTS[variant])
+        except Exception as error:  # the next variant still runs
+            import traceback
+
+            traceback.print_exc()
+            log(variant=variant, error=repr(error)[:800])
