@@ -7,7 +7,9 @@
 #    machine), while the paged kernels are checked and ours warms up; the timed runs wait
 #    for it (WAIT_FOR), so that no compilation shares the CPU with a measurement;
 # 3. ours with mii.serve(model) defaults, then FastGen, same prompts (workload_bench.py).
-# Env: OURS_CASES, FASTGEN_CASES, SERVE_EXTRA (JSON), SKIP_FASTGEN=1, SKIP_KERNELS=1.
+# Env: OURS_CASES, FASTGEN_CASES, SERVE_EXTRA (JSON), SKIP_FASTGEN=1, SKIP_KERNELS=1,
+# SECOND_SERVE=1 (serve the model a second time: ready with the compile caches warm),
+# PROBE_VARIANTS / PROBE_INDEX (probe_paged.py), RETRY_EXTRA (a second config if ours fails).
 # Results under $OUT: workload.jsonl, kernels.jsonl, run.log.
 set -u
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -70,6 +72,10 @@ if [ $rc != 0 ] && [ -n "${RETRY_EXTRA:-}" ]; then  # which part failed: e.g. '{
   grep -h 'Error\|error' "$MII_HOME"/logs/*.log 2>/dev/null | tail -5
   LABEL=ours_retry SYSTEM=ours CASES=c128 SERVE_EXTRA=$RETRY_EXTRA timeout 300 python3 bench/gpu/workload_bench.py
   stamp "retry done rc=$?"
+fi
+if [ "${SECOND_SERVE:-0}" = 1 ]; then  # the same model again: compile caches under $MII_HOME
+  LABEL=ours_defaults_second SYSTEM=ours CASES=c128 timeout 300 python3 bench/gpu/workload_bench.py
+  stamp "second serve done rc=$?"
 fi
 grep -h '\[progress\]\|WARNING\|Error' "$MII_HOME"/logs/*.log 2>/dev/null | tail -40
 if [ "${SKIP_FASTGEN:-0}" != 1 ]; then

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List
 
 from mii_core.control.lifecycle import RECORD_ENV, SUPERVISOR_PID_ENV
 from mii_core.deploy.devices import LOCAL_NAMES
-from mii_core.deploy.registry import DeploymentRecord, ReplicaRecord
+from mii_core.deploy.registry import DeploymentRecord, ReplicaRecord, mii_home
 
 REPLICA_MODULE = "mii_core.control.replica_main"
 LB_MODULE = "mii_core.control.lb_main"
@@ -59,11 +59,22 @@ def threads_per_rank(total_ranks: int) -> int:
     return max(1, ((cores or 1) - 1) // max(1, total_ranks))
 
 
+def compile_cache_env(env: Dict[str, str]) -> None:
+    """Point torch.compile's and Triton's on-disk caches at ``$MII_HOME/compile`` (private,
+    like the rest of ``$MII_HOME``; a setting of the user's own wins): a second serve()
+    of a model on this machine then reuses the first one's compiled kernels instead of
+    compiling them again."""
+    root = mii_home() / "compile"
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+    env.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
+
+
 def replica_spec(record: DeploymentRecord, record_file: str, replica: ReplicaRecord) -> ChildSpec:
     """The command starting every rank of ``replica`` on this host."""
     config = record.mii_config
     tp = config.model_conf.tensor_parallel
     env = _base_env(record_file)
+    compile_cache_env(env)
     env["MII_THREADS_PER_RANK"] = str(threads_per_rank(tp * len(record.replicas)))
     env["OMP_NUM_THREADS"] = env["MII_THREADS_PER_RANK"]
     if replica.gpu_indices:

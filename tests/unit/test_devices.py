@@ -70,3 +70,16 @@ def test_remote_replica_is_started_by_the_deepspeed_launcher_with_the_hostfile(t
     assert spec.argv[-3:] == ["mii_core.control.replica_main", "/shared/record.json", "0"]
     local = record.replicas[0].model_copy(update={"hostname": "localhost"})
     assert "torch.distributed.run" in replica_spec(record, "/r.json", local).argv
+
+
+def test_replicas_keep_their_compile_caches_under_mii_home(tmp_path, monkeypatch):
+    from mii_core.control.launcher import compile_cache_env
+
+    monkeypatch.setenv("MII_HOME", str(tmp_path))
+    env = {}
+    compile_cache_env(env)
+    assert env == {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compile" / "inductor"),
+                   "TRITON_CACHE_DIR": str(tmp_path / "compile" / "triton")}
+    own = {"TRITON_CACHE_DIR": "/mine"}
+    compile_cache_env(own)
+    assert own["TRITON_CACHE_DIR"] == "/mine"  # the user's setting wins
