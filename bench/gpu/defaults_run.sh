@@ -9,7 +9,7 @@
 # 3. ours with mii.serve(model) defaults, then FastGen, same prompts (workload_bench.py).
 # Env: OURS_CASES, FASTGEN_CASES, SERVE_EXTRA (JSON), SKIP_FASTGEN=1, SKIP_KERNELS=1,
 # SECOND_SERVE=1 (serve the model a second time: ready with the compile caches warm),
-# PROBE_VARIANTS / PROBE_INDEX (probe_paged.py), RETRY_EXTRA (a second config if ours fails).
+# PROBE_VARIANTS (probe_paged.py), RETRY_EXTRA (a second config if ours fails).
 # Results under $OUT: workload.jsonl, kernels.jsonl, run.log.
 set -u
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -59,10 +59,6 @@ stamp "model ready"
 if [ -n "${PROBE_VARIANTS:-}" ]; then  # in-process step times and kernel tables (probe_paged.py)
   timeout 300 python3 bench/gpu/probe_paged.py $PROBE_VARIANTS 2>&1 | grep -v '^\[' | grep 'RESULT\|Error\|Self CUDA\|^ *[a-z_:A-Z]' | head -60
   stamp "probe done"
-fi
-if [ -n "${PROBE_INDEX:-}" ]; then  # the same with the KV write outside the op (A/B)
-  MII_PAGED_WRITE=index VARIANT_SUFFIX=_indexwrite timeout 200 python3 bench/gpu/probe_paged.py $PROBE_INDEX 2>&1 | grep 'RESULT\|Error' | head
-  stamp "probe (index write) done"
 fi
 LABEL=ours_defaults SYSTEM=ours CASES="${OURS_CASES:-c128 mixed128 mixed512}" WAIT_FOR=$JIT_DONE \
   timeout 420 python3 bench/gpu/workload_bench.py
