@@ -55,12 +55,15 @@ class MIIClient:
         """Same as :meth:`generate`."""
         return self.generate(*args, **kwargs)
 
-    def generate(self, prompts: Prompts, streaming_fn: Optional[Callable[[Response], Any]] = None,
+    def generate(self, prompts: Prompts,
+                 streaming_fn: Optional[Callable[[List[Response]], Any]] = None,
                  timeout: Optional[float] = None, **generate_kwargs: Any) -> List[Response]:
         """Generate for one prompt or a list; returns one Response per prompt.
 
         With ``streaming_fn`` (one prompt only, as in MII) it is called with each
-        incremental Response; the final Responses are still returned.
+        increment as a one-element list of Response, as MII's is (MII code reads
+        ``response[0].generated_text``); the final Responses are still returned (MII
+        returns None there).
         """
         self._check_open()
         prompts = check_prompts(prompts)
@@ -129,11 +132,11 @@ class MIIClient:
 
 
 def _collect(chunks: Iterator[Response], count: int,
-             callback: Callable[[Response], Any]) -> List[Response]:
+             callback: Callable[[List[Response]], Any]) -> List[Response]:
     texts: Dict[int, List[str]] = {i: [] for i in range(count)}
     final: Dict[int, Response] = {}
     for chunk in chunks:
-        callback(chunk)
+        callback([chunk])
         texts[chunk.index].append(chunk.generated_text)
         if chunk.finish_reason not in ("none", ""):
             final[chunk.index] = chunk

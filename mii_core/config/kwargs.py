@@ -91,6 +91,17 @@ def parse_serve_kwargs(model_name_or_path: str = "", model_config: Optional[Mapp
         raise ConfigError(describe_validation_error(error)) from None
 
 
+def parse_pipeline_kwargs(model_name_or_path: str = "", model_config: Optional[Mapping] = None,
+                          **kwargs: Any) -> ModelConfig:
+    """The ``ModelConfig`` of ``mii.pipeline()``: as DeepSpeed-MII's, its keywords are
+    ``ModelConfig`` fields only (there is no server to configure)."""
+    model_keys = _fields(ModelConfig)
+    for key in kwargs:
+        if key not in model_keys:
+            raise unknown_argument(key, model_keys, "ModelConfig field")
+    return parse_serve_kwargs(model_name_or_path, model_config, **kwargs).model_conf
+
+
 def parse_generate_kwargs(kwargs: Mapping[str, Any]) -> GenerateParamsConfig:
     """Validate per-call generate parameters before anything is sent."""
     known = _fields(GenerateParamsConfig) - _SERVER_FILLED

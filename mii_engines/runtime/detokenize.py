@@ -36,11 +36,14 @@ class TextStream:
             before = len(self.text)
             self.text += window_text[len(prefix_text):]
             self._prefix, self._read = self._read, len(self.ids)
-            for stop in self.stop:
-                found = self.text.find(stop, max(0, before - len(stop) + 1))
-                if found != -1:
-                    self.text = self.text[:found]
-                    return stop
+            # The earliest stop wins, whatever the order of the list (one step's text can
+            # complete several: "Seat" with stops "ea" and "at" ends at "S").
+            hits = [(found, stop) for stop in self.stop
+                    if (found := self.text.find(stop, max(0, before - len(stop) + 1))) != -1]
+            if hits:
+                found, stop = min(hits)
+                self.text = self.text[:found]
+                return stop
         return None
 
     def delta(self, final: bool) -> str:
