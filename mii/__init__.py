@@ -6,7 +6,7 @@
 """
 # The submodules MII code reaches as attributes after a plain ``import mii``
 # (``mii.config.ModelConfig``, ``mii.backend.client.MIIClient``, ``mii.constants``).
-from mii import backend, config, constants, errors
+from mii import api, backend, batching, config, constants, errors
 from mii_core.api.client import MIIClient
 from mii_core.api.response import Response
 from mii_core.api.serve import client, serve
@@ -17,6 +17,6 @@ from mii_core.plugins.discovery import hookimpl
 
 __all__ = ["serve", "client", "pipeline", "MIIPipeline", "MIIClient", "ModelConfig",
            "MIIConfig", "GenerateParamsConfig", "TaskType", "DeploymentType",
-           "GenerationFinishReason", "Response", "hookimpl", "errors", "backend", "config",
-           "constants"]
+           "GenerationFinishReason", "Response", "hookimpl", "errors", "api", "backend",
+           "batching", "config", "constants"]
 __version__ = "0.1.0"

@@ -27,6 +27,7 @@ class GenerationFinishReason(str, Enum):
 
 DEFAULT_PORT = 50050
 DEFAULT_TORCH_DIST_PORT = 29500
+DEFAULT_ZMQ_PORT = 25555  # MII's; accepted and recorded, unused here (no ZMQ)
 DEFAULT_RESTFUL_API_PORT = 51080
 DEFAULT_HOSTFILE = "/job/hostfile"
 DEFAULT_ENGINE = "auto"

@@ -18,6 +18,7 @@ from mii_core.constants import (
     DEFAULT_RESTFUL_API_PORT,
     DEFAULT_SCHEDULER,
     DEFAULT_TORCH_DIST_PORT,
+    DEFAULT_ZMQ_PORT,
     DEFAULT_TRANSPORT,
     DeploymentType,
     TaskType,
@@ -41,8 +42,9 @@ class GenerateParamsConfig(_Strict):
 
     prompt_length: int = Field(0, ge=0)
     """Tokens in the prompt; filled in by the server (the client refuses it as an argument)."""
-    max_length: int = Field(1024, gt=0)
-    """Maximum of prompt tokens + generated tokens."""
+    max_length: Optional[int] = Field(None, gt=0)
+    """Maximum of prompt tokens + generated tokens; None: the served context
+    (``ModelConfig.max_length``, else the model's), as DeepSpeed-MII's server fills it."""
     max_new_tokens: Optional[int] = Field(None, gt=0)
     """Maximum number of generated tokens; the smaller of this and what ``max_length`` leaves applies."""
     min_new_tokens: int = Field(0, ge=0)
@@ -81,14 +83,15 @@ class GenerateParamsConfig(_Strict):
         if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"min_new_tokens ({self.min_new_tokens}) must not exceed "
                              f"max_new_tokens ({self.max_new_tokens})")
-        if self.prompt_length and self.max_length <= self.prompt_length:
+        if (self.prompt_length and self.max_length is not None
+                and self.max_length <= self.prompt_length):
             raise ValueError(f"max_length ({self.max_length}) must be greater than "
                              f"prompt_length ({self.prompt_length})")
         return self
 
     def new_token_budget(self, prompt_length: int, context_length: int) -> int:
         """Tokens that may be generated for a prompt of ``prompt_length`` tokens."""
-        budget = min(self.max_length, context_length) - prompt_length
+        budget = min(self.max_length or context_length, context_length) - prompt_length
         if self.max_new_tokens is not None:
             budget = min(budget, self.max_new_tokens)
         return budget
@@ -101,6 +104,8 @@ class ReplicaConfig(_Strict):
     tensor_parallel_ports: List[int] = []
     torch_dist_port: Optional[int] = None
     gpu_indices: List[int] = []
+    zmq_port: Optional[int] = None
+    """MII's ZMQ port of the replica; accepted, unused (mii's ranks talk over torch.distributed)."""
 
 
 class ModelConfig(_Strict):
@@ -120,6 +125,8 @@ class ModelConfig(_Strict):
     """Engine-specific options, passed to the engine unchanged."""
     torch_dist_port: int = _port(DEFAULT_TORCH_DIST_PORT)
     """Base torch.distributed port; replica i uses ``torch_dist_port + 100 * i``."""
+    zmq_port_number: int = _port(DEFAULT_ZMQ_PORT)
+    """MII's base ZMQ port; accepted so that MII configurations load, unused here."""
     replica_num: int = Field(1, gt=0)
     """Number of model replicas behind the load balancer."""
     replica_configs: List[ReplicaConfig] = []
@@ -246,6 +253,10 @@ class MIIConfig(_Strict):
     """PEM certificate of the client-facing server; with ``tls_key_file`` enables TLS. (mii extension)"""
     tls_key_file: Optional[str] = None
     """PEM private key matching ``tls_cert_file``. (mii extension)"""
+    version: int = 1
+    """MII's configuration version; accepted so that MII configurations load."""
+    instance_type: str = "Standard_NC12s_v3"
+    """MII's AzureML instance type (its AML deployments); accepted, unused."""
     max_restarts: int = Field(3, ge=0)
     """Restarts of a crashed child (replica or load balancer) before the deployment stops. (mii extension)"""
 
@@ -260,6 +271,31 @@ class MIIConfig(_Strict):
             raise ValueError(f"deployment_type {self.deployment_type.value!r} is not supported; "
                              "use 'local'")
         return self
+
+    def generate_replica_configs(self) -> None:
+        """Fill ``model_config.replica_configs`` from ``device_map`` and the hostfile (this
+        host alone without one), as DeepSpeed-MII's method does: replica i gets ports
+        ``port_number + i * tensor_parallel + 1 ...``, ``torch_dist_port + 100 * i`` and
+        its devices. Nothing changes if they are given; ValueError when the map does not
+        fit the hosts' devices."""
+        model = self.model_conf
+        if model.replica_configs:
+            return
+        # The placement rule lives with the deployment's resources; imported here because
+        # they import this module.
+        from mii_core.deploy.devices import allocate, count_local_gpus, local_pool, read_hostfile
+
+        pool = read_hostfile(self.hostfile) or local_pool(count_local_gpus())
+        placements = allocate(pool, model.tensor_parallel, model.replica_num, model.device_map)
+        tp = model.tensor_parallel
+        model.replica_configs = [
+            ReplicaConfig(hostname=placement.hostname,
+                          tensor_parallel_ports=list(range(self.port_number + i * tp + 1,
+                                                           self.port_number + i * tp + 1 + tp)),
+                          torch_dist_port=model.torch_dist_port + 100 * i,
+                          gpu_indices=list(placement.gpu_indices),
+                          zmq_port=model.zmq_port_number + i)
+            for i, placement in enumerate(placements)]
 
     def to_json(self) -> str:
         """Serialize for the registry and child processes (by alias, so it round-trips)."""

@@ -10,7 +10,7 @@ import logging
 import sys
 
 from mii_core.control import lifecycle
-from mii_core.control.launcher import gateway_bind_host
+from mii_core.deploy.addresses import dial_host, gateway_bind_host
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     from mii_core.gateway import create_app
 
     config = record.mii_config
-    host = record.host if record.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    host = dial_host(record.host)
     client = MIIClient(config, host=host, port=record.port)
     app = create_app(config, client)
     bind = gateway_bind_host(config.restful_api_host)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List
 
 from mii_core.control.lifecycle import RECORD_ENV, SUPERVISOR_PID_ENV
-from mii_core.deploy.devices import LOCAL_NAMES
+from mii_core.deploy.addresses import dial_host, is_local
 from mii_core.deploy.registry import DeploymentRecord, ReplicaRecord, mii_home
 
 REPLICA_MODULE = "mii_core.control.replica_main"
@@ -80,7 +80,7 @@ def replica_spec(record: DeploymentRecord, record_file: str, replica: ReplicaRec
     if replica.gpu_indices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in replica.gpu_indices)
     target = ["-m", REPLICA_MODULE, record_file, str(replica.index)]
-    if replica.hostname not in LOCAL_NAMES:
+    if not is_local(replica.hostname):
         return ChildSpec(f"replica-{replica.index}",
                          deepspeed_multinode_command(record, record_file, replica), env)
     if tp == 1:
@@ -119,16 +119,11 @@ def gateway_spec(record_file: str) -> ChildSpec:
                      _base_env(record_file))
 
 
-def gateway_bind_host(host: str) -> str:
-    """The address the REST gateway binds: ``localhost`` means the IPv4 loopback only."""
-    return "127.0.0.1" if host in ("", "localhost") else host
-
-
 def wait_until_listening(host: str, port: int, proc: subprocess.Popen, timeout: float,
                          should_stop: Callable[[], bool] = lambda: False) -> bool:
     """Wait until ``host:port`` accepts connections; False if ``proc`` exited, the wait was
     stopped or ``timeout`` passed (the caller's watch loop then reports the child)."""
-    address = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    address = dial_host(host)
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None and not should_stop():
         try:

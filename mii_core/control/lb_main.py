@@ -5,6 +5,7 @@ import logging
 import sys
 
 from mii_core.control import lifecycle
+from mii_core.deploy.addresses import replica_dial_host
 from mii_core.plugins.discovery import load_driver, register_driver
 
 log = logging.getLogger(__name__)
@@ -20,8 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = load_driver("scheduler", config.scheduler)(len(record.replicas))
     transport = load_driver("transport", config.transport)()
     register_driver(scheduler, "scheduler")
-    addresses = [f"{r.hostname if r.hostname not in ('', 'localhost') else '127.0.0.1'}:{r.port}"
-                 for r in record.replicas]
+    addresses = [f"{replica_dial_host(r.hostname)}:{r.port}" for r in record.replicas]
     log.info("[progress] load balancer on %s:%d -> %s (scheduler %s)", config.host,
              config.port_number, ", ".join(addresses), config.scheduler)
     transport.serve_load_balancer(config, addresses, scheduler,

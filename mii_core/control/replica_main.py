@@ -15,7 +15,7 @@ import time
 
 from mii_core.control import lifecycle
 from mii_core.deploy import logs
-from mii_core.deploy.devices import LOCAL_NAMES
+from mii_core.deploy.addresses import replica_bind_host
 from mii_core.deploy.registry import DeploymentRecord, load_file
 from mii_core.plugins.discovery import hooks, load_driver, register_driver
 from mii_core.plugins.interfaces import RankInfo
@@ -97,9 +97,9 @@ def serve(record: DeploymentRecord, replica: int, loaded, rank: RankInfo) -> Non
     try:
         placement = record.replicas[replica]
         # A replica on another host must accept the load balancer's connections.
-        host = "127.0.0.1" if placement.hostname in LOCAL_NAMES else "0.0.0.0"
         transport.serve_replica(generator, config, replica, placement.port,
-                                lifecycle.request_deployment_shutdown, host=host)
+                                lifecycle.request_deployment_shutdown,
+                                host=replica_bind_host(placement.hostname))
     finally:
         generator.stop()
         loop.join(timeout=30)

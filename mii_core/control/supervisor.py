@@ -22,13 +22,13 @@ from typing import Dict, List, Optional
 
 from mii_core.control.launcher import (
     ChildSpec,
-    gateway_bind_host,
     gateway_spec,
     load_balancer_spec,
     replica_spec,
     wait_until_listening,
 )
 from mii_core.deploy import logs, registry
+from mii_core.deploy.addresses import gateway_bind_host
 from mii_core.deploy.registry import DeploymentRecord
 from mii_core.plugins.discovery import hooks, load_driver
 

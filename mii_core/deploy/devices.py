@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 from mii_core.config.models import DEVICE_MAP_DEFAULT
+from mii_core.deploy.addresses import is_local
 
-LOCAL_NAMES = {"localhost", "127.0.0.1", socket.gethostname()}
 DeviceMap = Union[str, Dict[str, List[List[int]]]]
 
 
@@ -134,9 +133,9 @@ def _explicit(pool: Dict[str, int], tensor_parallel: int, replica_num: int,
 def _slots_of(pool: Dict[str, int], host: str) -> int:
     if host in pool:
         return pool[host]
-    if host in LOCAL_NAMES:
+    if is_local(host):
         for name in pool:
-            if name in LOCAL_NAMES:
+            if is_local(name):
                 return pool[name]
     raise ValueError(f"device_map names host {host!r}, which is not among the known hosts "
                      f"({', '.join(pool)}); add it to the hostfile")

@@ -172,3 +172,19 @@ def list_records() -> List[DeploymentRecord]:
         if record is not None:
             records.append(record)
     return records
+
+
+def get_mii_config(model_or_deployment_name: str) -> MIIConfig:
+    """The configuration of the deployment named so, or of the model's default deployment
+    name (DeepSpeed-MII's ``mii.config.get_mii_config``); DeploymentNotFoundError if
+    neither has a record."""
+    from mii_core.config.models import default_deployment_name
+    from mii_core.errors import DeploymentNotFoundError
+
+    names = [model_or_deployment_name, default_deployment_name(model_or_deployment_name)]
+    for name in names:
+        record = load(name)
+        if record is not None:
+            return record.mii_config
+    raise DeploymentNotFoundError(f"could not find a deployment named {names[0]!r} or "
+                                  f"{names[1]!r}")

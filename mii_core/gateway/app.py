@@ -30,7 +30,7 @@ import time
 from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.responses import Response as HTTPResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -306,8 +306,11 @@ def create_app(config: MIIConfig, client: MIIClient) -> FastAPI:
                              "deployment": gateway.name}, status_code=200 if ok else 503)
 
     @app.get("/healthz")
-    async def healthz() -> JSONResponse:
-        return await health()
+    async def healthz() -> PlainTextResponse:
+        # DeepSpeed-MII's route answers the text "ok"; here also only while the
+        # deployment answers (503 "unavailable" otherwise, as /health).
+        ok = await gateway.healthy()
+        return PlainTextResponse("ok" if ok else "unavailable", status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics() -> HTTPResponse:

@@ -8,6 +8,8 @@ listed in docs/metrics.md.
 """
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from prometheus_client import (
@@ -25,7 +27,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
-from mii_core.routing.stats import BUCKETS_S
+from mii_core.routing.stats import BUCKETS_S, ReplicaStats
 
 OUTCOMES = ("ok", "cancelled", "rejected", "error")
 HISTOGRAMS = (
@@ -65,10 +67,8 @@ class _Hist:
 
 
 def _replica_metrics(entry: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    stats = entry.get("stats")
-    if not isinstance(stats, dict) or not isinstance(stats.get("metrics"), dict):
-        return None
-    return stats["metrics"]
+    stats = ReplicaStats.from_dict(entry.get("stats"))
+    return None if stats is None else asdict(stats.metrics)
 
 
 def deployment_families(info: Optional[Dict[str, Any]], deployment: str) -> List[Metric]:

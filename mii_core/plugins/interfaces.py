@@ -5,13 +5,18 @@
 - ``Transport`` serves a replica and the load balancer, and connects clients.
 - ``GenerationService`` is what an engine side offers a transport: the transport
   never touches the model, the engine never touches the wire format.
+- ``Connection`` is what a transport gives a client: the only calls ``MIIClient``
+  makes on the wire.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Protocol, Sequence, runtime_checkable
+from typing import (Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Protocol,
+                    Sequence, runtime_checkable)
 
+from mii_core.api.response import Response
 from mii_core.config.models import GenerateParamsConfig, MIIConfig, ModelConfig
+from mii_core.routing.stats import ReplicaStats
 
 
 @dataclass(frozen=True)
@@ -107,8 +112,45 @@ class GenerationService(Protocol):
                sink: Callable[[TokenEvent], None]) -> RequestHandle:
         """Queue a request; raises InvalidGenerateParams / ServerOverloaded synchronously."""
 
-    def stats(self) -> dict:
-        """Counters for status and routing checks (requests, queue depth, ...)."""
+    def stats(self) -> ReplicaStats:
+        """Counters, queue depth, KV cache figures and serving metrics."""
+
+
+@runtime_checkable
+class Connection(Protocol):
+    """A client's connection to a deployment (``Transport.connect``). Errors arrive as
+    mii's exceptions (``mii_core.errors``), whatever the wire's own."""
+
+    address: str
+
+    def generate(self, prompts: List[str], params: GenerateParamsConfig,
+                 timeout: Optional[float] = None) -> List[Response]:
+        """One Response per prompt, in order."""
+
+    def stream(self, prompts: List[str], params: GenerateParamsConfig,
+               timeout: Optional[float] = None) -> Iterator[Response]:
+        """Incremental Responses; ``.index`` says which prompt, the last of each has its
+        ``finish_reason`` set."""
+
+    async def agenerate(self, prompts: List[str], params: GenerateParamsConfig,
+                        timeout: Optional[float] = None) -> List[Response]:
+        """``generate`` for asyncio code."""
+
+    def astream(self, prompts: List[str], params: GenerateParamsConfig,
+                timeout: Optional[float] = None) -> AsyncIterator[Response]:
+        """``stream`` for asyncio code."""
+
+    def info(self, timeout: float = 10.0) -> Dict[str, Any]:
+        """The deployment's description and per-replica counters."""
+
+    def terminate(self, timeout: float = 10.0) -> None:
+        """Ask the deployment to stop."""
+
+    def is_serving(self, timeout: float = 1.0) -> bool:
+        """True if the deployment answers its health check as serving."""
+
+    def close(self) -> None:
+        """Release the connection."""
 
 
 class Transport(Protocol):
@@ -130,5 +172,5 @@ class Transport(Protocol):
         """True if the server at ``host:port`` answers its health check as serving."""
 
     def connect(self, host: str, port: int, token: Optional[str] = None,
-                tls_root_cert: Optional[str] = None) -> Any:
-        """A client connection object (see ``mii_transport.grpc.client``)."""
+                tls_root_cert: Optional[str] = None) -> Connection:
+        """A client connection to the deployment at ``host:port``."""

@@ -36,11 +36,11 @@ class Intake:
                 raise InvalidGenerateParams(f"prompts[{index}]: the prompt encodes to no tokens")
             budget = params.new_token_budget(len(ids), limit)
             if budget < 1:
-                allowed = min(params.max_length, limit)
+                allowed = min(params.max_length or limit, limit)
                 raise InvalidGenerateParams(
                     f"prompts[{index}]: the prompt has {len(ids)} tokens, which leaves no room "
-                    f"to generate under max_length={params.max_length} (the model accepts "
-                    f"{self.context_length} tokens; the limit here is {allowed})")
+                    f"to generate under max_length={params.max_length or limit} (the model "
+                    f"accepts {self.context_length} tokens; the limit here is {allowed})")
             encoded.append(ids)
             budgets.append(budget)
         info = RequestInfo(request_id, len(prompts), params, self.replica, time.time(),

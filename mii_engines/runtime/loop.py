@@ -14,14 +14,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import asdict
-from typing import Any, Callable, Deque, Dict, List, Optional
+from typing import Callable, Deque, Dict, List, Optional
 
 import torch
 
 from mii_core.config.models import GenerateParamsConfig
 from mii_core.errors import DeploymentUnavailable, ServerOverloaded
 from mii_core.plugins.interfaces import RequestInfo, TokenEvent
-from mii_core.routing.stats import ServingMetrics
+from mii_core.routing.stats import ReplicaStats
 from mii_engines.runtime.executor import Executor, InFlight
 from mii_engines.runtime.intake import Intake
 from mii_engines.runtime.output import Outputs
@@ -94,7 +94,7 @@ class EngineLoop:
         """Prompts waiting for admission (read without the loop's cooperation)."""
         return len(self.scheduler.waiting) + sum(len(r.sequences) for r in list(self._inbox))
 
-    def stats(self) -> Dict[str, Any]:
+    def stats(self) -> ReplicaStats:
         """Counters, queue depth, batch size, metrics and the KV cache's figures."""
         outcomes = self.metrics.requests
         queued, running = self.queued_prompts(), len(self.scheduler.running)
@@ -102,11 +102,12 @@ class EngineLoop:
         state = self.executor.state.stats()
         kv.bytes_total, kv.padded_rows = state.bytes_total, state.padded_rows
         kv.preemptions = self.scheduler.preemptions
-        return dict(self.counters, finished=outcomes["ok"], cancelled=outcomes["cancelled"],
-                    padded_prefill_rows=state.padded_rows, errors=outcomes["error"],
-                    tokens_generated=self.metrics.tokens_generated, queue_depth=queued,
-                    running=running, replica=self.intake.replica, kv=asdict(kv),
-                    metrics=self.metrics.snapshot(queued, running))
+        return ReplicaStats(replica=self.intake.replica, finished=outcomes["ok"],
+                            cancelled=outcomes["cancelled"], errors=outcomes["error"],
+                            padded_prefill_rows=state.padded_rows,
+                            tokens_generated=self.metrics.tokens_generated,
+                            queue_depth=queued, running=running, kv=asdict(kv),
+                            metrics=self.metrics.snapshot(queued, running), **self.counters)
 
     def stop(self) -> None:
         """Ask the loop to finish (sequences in flight are cancelled)."""

@@ -163,6 +163,11 @@ class Scheduler:
                 if seq.finish is None:
                     left.append(seq)
                 continue
+            if seq.launched > len(seq.generated):
+                # Preempted in this very step while its last token is still on its way
+                # to the host (pipelined loop): recomputed now, it would miss that token
+                # and sample it twice. It comes back next step, first in line.
+                break
             self._open(seq)
             if not take(seq):
                 self._close(seq)

@@ -91,7 +91,7 @@ class ReplicaServicer(mii_pb2_grpc.MIIServiceServicer):
             await status.abort(context, error)
 
     async def Info(self, request, context):
-        info = dict(self.describe, stats=self.service.stats(), pid=os.getpid())
+        info = dict(self.describe, stats=self.service.stats().to_dict(), pid=os.getpid())
         return mii_pb2.InfoReply(json=json.dumps(info))
 
     async def Terminate(self, request, context):

@@ -51,14 +51,24 @@ def test_tp2_greedy_tokens_equal_tp1(tp2, deployment):
     assert info["engine"] == "deepspeed" and info["healthy"]
 
 
-def test_tp2_with_the_static_cache_gives_the_tp1_tokens(tiny_model, deployment):
-    """kv_cache="static" under tensor parallelism: rank 0 plans, both ranks fill slots."""
-    with deployed(tiny_model, "tp2-static", engine="deepspeed", tensor_parallel=2,
-                  kv_cache="static", max_length=96) as client:
+@pytest.mark.parametrize("cache", [
+    dict(kv_cache="static", max_length=96),
+    # the paged cache per rank; 7 blocks of 16 tokens hold fewer than the 4 prompts
+    # need together, so rank 0 preempts and both ranks recompute the same rows
+    dict(kv_cache="paged", kv_blocks=7, max_length=96),
+], ids=["static", "paged-preempting"])
+def test_tp2_with_a_preallocated_cache_gives_the_tp1_tokens(tiny_model, deployment, cache):
+    """Rank 0 plans (admission, blocks, preemption), both ranks apply the same plans."""
+    with deployed(tiny_model, f"tp2-{cache['kv_cache']}", engine="deepspeed",
+                  tensor_parallel=2, **cache) as client:
         sharded = [r.generated_text for r in client(PROMPTS, **GREEDY)]
         joined = client("Seattle is a city", **GREEDY)[0].generated_text  # a later row
+        kv = client.info()["replicas"][0]["stats"]["kv"]
     single = [r.generated_text for r in deployment(PROMPTS, **GREEDY)]
     assert sharded == single and joined == single[1]
+    assert kv["kind"] == ("paged" if cache["kv_cache"] == "paged" else "slots")
+    if cache["kv_cache"] == "paged":
+        assert kv["preemptions"] > 0 and kv["blocks_used"] == 0  # all returned at the end
 
 
 def test_tp2_streaming(tp2):

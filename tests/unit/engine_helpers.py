@@ -7,6 +7,7 @@ KV cache ``kv.choose.build`` picks, a scheduler, an executor, the output stage);
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional
 
@@ -96,6 +97,17 @@ def running(loop: EngineLoop) -> Iterator[EngineLoop]:
         loop.stop()
         thread.join(timeout=10)
         assert not thread.is_alive(), "the engine loop did not stop"
+
+
+def settled_stats(loop: EngineLoop, timeout: float = 10.0):
+    """The loop's stats once it has nothing left to schedule: a sequence's last event
+    reaches its sink before the loop's next step frees its blocks (a step later still
+    when the loop is pipelined)."""
+    deadline = time.monotonic() + timeout
+    while loop.scheduler.has_work() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not loop.scheduler.has_work(), "the loop kept work after every request ended"
+    return loop.stats()
 
 
 def run(loop: EngineLoop, prompts: List[str], **params) -> Collector:

@@ -22,8 +22,14 @@ def test_defaults_match_deepspeed_mii():
     assert model.device_map == "auto" and model.task == mii.TaskType.TEXT_GENERATION
     assert model.tokenizer == "org/model" and model.max_length is None
     params = GenerateParamsConfig()
-    assert (params.max_length, params.min_new_tokens, params.top_p, params.do_sample) == (1024, 0, 0.9, True)
+    assert (params.min_new_tokens, params.top_p, params.do_sample) == (0, 0.9, True)
     assert params.max_new_tokens is None and params.stop == []
+    # MII's class says 1024, but its server fills an unset max_length with the served
+    # context (ModelConfig.max_length or the model's): None here means that.
+    assert params.max_length is None
+    assert params.new_token_budget(prompt_length=1500, context_length=4096) == 2596
+    assert GenerateParamsConfig(max_length=1600).new_token_budget(1500, 4096) == 100
+    assert GenerateParamsConfig(max_new_tokens=8).new_token_budget(1500, 4096) == 8
 
 
 def test_deployment_name_from_local_dir_uses_basename(tmp_path):

@@ -83,3 +83,23 @@ def test_replicas_keep_their_compile_caches_under_mii_home(tmp_path, monkeypatch
     own = {"TRITON_CACHE_DIR": "/mine"}
     compile_cache_env(own)
     assert own["TRITON_CACHE_DIR"] == "/mine"  # the user's setting wins
+
+
+def test_one_address_rule_for_every_role():
+    """A hostfile naming this machine by its hostname: the replica binds the loopback and
+    the load balancer dials the loopback (it used to dial the hostname)."""
+    import socket
+
+    from mii_core.deploy.addresses import (dial_host, gateway_bind_host, is_local,
+                                           replica_bind_host, replica_dial_host)
+
+    me = socket.gethostname()
+    for name in ("", "localhost", "127.0.0.1", me):
+        assert is_local(name)
+        assert replica_bind_host(name) == replica_dial_host(name) == "127.0.0.1"
+    assert not is_local("worker-2")
+    assert (replica_bind_host("worker-2"), replica_dial_host("worker-2")) == ("0.0.0.0",
+                                                                             "worker-2")
+    assert [dial_host(h) for h in ("0.0.0.0", "", "::", "10.0.0.5")] == [
+        "127.0.0.1", "127.0.0.1", "::1", "10.0.0.5"]
+    assert gateway_bind_host("localhost") == "127.0.0.1" and gateway_bind_host("::") == "::"

@@ -259,7 +259,7 @@ def test_stats_count_prefills_and_admitted_rows(plain):
     with _serve(plain, state, max_batch_size=8) as gen:
         run(gen, PROMPTS[:3], **GREEDY)  # one request: its 3 prompts join in one step
     stats = gen.stats()
-    assert (stats["prefills"], stats["prefill_rows"], stats["padded_prefill_rows"]) == (1, 3, 1)
+    assert (stats.prefills, stats.prefill_rows, stats.padded_prefill_rows) == (1, 3, 1)
 
 
 def test_decode_writes_through_the_attention_modules_slots_and_other_attention_keeps_the_cache(

@@ -90,7 +90,7 @@ def test_cancellation_frees_the_slot(tiny_model, kind):
         release.set()
         assert blocker.done.wait(10) and blocker.final(0).finish_reason == "cancelled"
         assert waiting.done.wait(30) and waiting.final(0).finish_reason == "length"
-        assert loop.stats()["cancelled"] == 1
+        assert loop.stats().cancelled == 1
 
 
 def test_max_length_short_vs_long(generator):
@@ -206,7 +206,7 @@ def test_engine_failure_fails_every_request_and_stops_the_loop(loaded):
     assert running.final(0).finish_reason == "error"
     assert "simulated device error" in str(running.final(0).error)
     assert queued.final(0).finish_reason == "cancelled"
-    assert gen.stats()["errors"] == 1
+    assert gen.stats().errors == 1
 
 
 def _run_and_catch(gen):

@@ -8,7 +8,8 @@ import threading
 
 import pytest
 import torch
-from engine_helpers import GREEDY, PROMPTS, Collector, load, loop_for, run, running
+from engine_helpers import (GREEDY, PROMPTS, Collector, load, loop_for, run, running,
+                            settled_stats)
 
 from mii_core.config.models import GenerateParamsConfig, ModelConfig
 from mii_core.errors import ConfigError, InvalidGenerateParams
@@ -156,7 +157,7 @@ def test_paged_greedy_equals_dynamic_with_prefix_caching_on_and_off(tiny_model, 
         with running(paged_loop(tiny_model, prefix_caching=prefix_caching)) as loop:
             first = run(loop, prompts, **GREEDY).texts()
             again = run(loop, prompts, **GREEDY).texts()  # prefix hits (when on)
-            stats = loop.stats()["kv"]
+            stats = settled_stats(loop).kv
         assert [first[i] for i in range(len(prompts))] == list(reference_texts.values())
         assert again == first
         assert (stats["prefix_hit_tokens"] > 0) == prefix_caching
@@ -192,10 +193,30 @@ def test_preemption_recomputes_and_loses_nothing(tiny_model, reference_texts):
     with running(paged_loop(tiny_model, kv_blocks=12, max_batch_size=6,
                             prefix_caching=False)) as loop:
         out = run(loop, prompts, **GREEDY)
-        stats = loop.stats()["kv"]
+        stats = settled_stats(loop).kv
     assert [out.texts()[i] for i in range(len(prompts))] == list(reference_texts.values())
     assert all(out.final(i).finish_reason == "length" for i in range(len(prompts)))
     assert stats["preemptions"] > 0 and stats["blocks_used"] == 0
+
+
+@pytest.mark.parametrize("blocks,prefix_caching", [(12, False), (14, True), (16, False)])
+def test_preemption_in_the_pipelined_loop_loses_no_token_in_flight(tiny_model, blocks,
+                                                                   prefix_caching):
+    """Pipelined (the GPU default), the token sampled for a row is still on its way to the
+    host when the next step is scheduled: a row preempted then must not be recomputed in
+    that same step, or it misses that token and samples it twice."""
+    long = " ".join(f"word{i % 7}" for i in range(25))
+    prompts = PROMPTS + [long, long + " and more", PROMPTS[1] + " " + long] + [
+        p + " again" for p in PROMPTS]
+    params = dict(do_sample=False, max_new_tokens=40, ignore_eos=True)
+    with running(loop_for(load(tiny_model), "dynamic", max_batch_size=16)) as loop:
+        expected = run(loop, prompts, **params).texts()
+    with running(paged_loop(tiny_model, kv_blocks=blocks, max_batch_size=8, pipelined=True,
+                            prefix_caching=prefix_caching, max_queue_size=64)) as loop:
+        got = run(loop, prompts, **params).texts()
+        stats = settled_stats(loop).kv
+    assert stats["preemptions"] > 0 and stats["blocks_used"] == 0
+    assert [got[i] for i in range(len(prompts))] == [expected[i] for i in range(len(prompts))]
 
 
 def test_a_sequence_longer_than_the_whole_pool_is_refused_at_submit(tiny_model):
@@ -220,7 +241,7 @@ def test_randomized_joins_cancels_and_errors_leave_no_block_in_use(tiny_model):
                 handles[draw.randrange(len(handles))].cancel()
         for sink in sinks:
             assert sink.done.wait(60)
-        stats = loop.stats()["kv"]
+        stats = settled_stats(loop).kv
     reasons = {sink.final(0).finish_reason for sink in sinks}
     assert reasons <= {"length", "cancelled"} and "cancelled" in reasons
     assert stats["blocks_used"] == 0 and stats["blocks_peak"] <= 23
