@@ -75,13 +75,14 @@ def in_process_latencies(model: str, requests: int) -> list[float]:
     from mii_core.config.models import GenerateParamsConfig, ModelConfig
     from mii_core.control.launcher import threads_per_rank
     from mii_core.plugins.interfaces import RankInfo
-    from mii_engines.runtime.loop import Generator
+    from mii_engines.runtime import service
     from mii_engines.transformers.engine import TransformersEngine
 
     torch.set_num_threads(threads_per_rank(1))  # the same policy a served replica gets
     rank = RankInfo(replica=0, rank=0, world_size=1, local_rank=0, device="cpu", dist_port=0)
-    loaded = TransformersEngine().load(ModelConfig(model_name_or_path=model), rank)
-    generator = Generator(loaded, 0, max_batch_size=64, max_queue_size=64)
+    config = ModelConfig(model_name_or_path=model)
+    loaded = TransformersEngine().load(config, rank)
+    generator = service.build_service(loaded, config, rank, max_queue_size=64)  # a replica's loop
     loop = threading.Thread(target=generator.run, daemon=True)
     loop.start()
     params = GenerateParamsConfig(**PARAMS)

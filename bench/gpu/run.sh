@@ -101,7 +101,7 @@ for phase in $PHASES; do
     C_fp32) run_phase C_fp32 150 "$PY" bench/gpu/serving_bench.py greedy_fp32 --engine deepspeed ;;
     D_static) run_phase D_static 330 "$PY" bench/gpu/static_bench.py ${STATIC_CONFIGS:-} ;;
     D_static_*) run_phase "$phase" 330 "$PY" bench/gpu/static_bench.py ${phase#D_static_} ;;
-    P_probe) run_phase P_probe 300 "$PY" bench/gpu/probe_decode.py ${PROBE_VARIANTS:-} ;;
+    P_probe) run_phase P_probe 300 "$PY" bench/gpu/probe_paged.py ${PROBE_VARIANTS:-} ;;
     *) echo "unknown phase $phase (known: B_ds B_tf A_hf C_tp2 C_rep, optional C_fp32 D_static D_static_<config> P_probe)" ;;
   esac
 done
@@ -110,8 +110,3 @@ left_over=$(ps -eo pid,args | grep -F "$MII_HOME/deployments" | grep -v grep)
 [ -n "$left_over" ] && echo "=== WARNING: mii processes of ours still running:" && echo "$left_over"
 echo "=== total $(( $(date +%s) - START ))s"
 "$PY" bench/gpu/summarize.py --write
-# the fast-engine table of docs/benchmarks.md (regenerate the docs from the JSON here:
-# python3 bench/gpu/fast_table.py RUN.jsonl --probe RUN.jsonl --docs docs/benchmarks.md)
-if grep -q '"D_static"' "$OUT/gpu_bench.jsonl" 2>/dev/null; then
-  "$PY" bench/gpu/fast_table.py "$OUT/gpu_bench.jsonl" --probe "$OUT/gpu_bench.jsonl" > "$OUT/fast_table.md"
-fi

@@ -416,3 +416,18 @@ def test_write_and_attend_writes_the_step_then_attends_over_it():
     expected = torch.empty_like(query)
     reference_paged_attention(query, keys, values, tables, lens, starts, expected, 8 ** -0.5, 0, 0.0)
     assert torch.equal(out, expected)
+
+
+def test_a_layer_type_the_paged_attention_does_not_know_falls_back(tiny_model, caplog):
+    """Chunked attention (Llama 4) and other layer types would be served wrongly: the
+    paged cache refuses them by name, before a logits check that short prompts pass."""
+    loaded = load(tiny_model)
+    loaded.model.config.layer_types = ["chunked_attention"] * loaded.model.config.num_hidden_layers
+    config = ModelConfig(model_name_or_path="x", max_batch_size=2, kv_blocks=16)
+    with pytest.raises(ConfigError, match="chunked_attention"):
+        choose.paged_or_fallback(loaded, config, 1, fallback=False)
+    # The dynamic cache refuses it too (the same rule), so "auto" fails with the name
+    # rather than serve wrong text.
+    with pytest.raises(ValueError, match="chunked_attention"):
+        choose.paged_or_fallback(loaded, config, 1, fallback=True)
+    assert "chunked_attention" in caplog.text and "using the dynamic cache" in caplog.text

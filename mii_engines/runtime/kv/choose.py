@@ -102,7 +102,8 @@ def _paged(loaded: LoadedModel, config: ModelConfig, world_size: int, batch: int
         num_blocks=blocks, memory_fraction=config.gpu_memory_utilization,
         # CUDA graphs with NCCL collectives inside and per-rank compilation belong to the
         # multi-GPU work: tensor-parallel ranks run the paged cache eagerly.
-        cuda_graphs=config.cuda_graphs and single, compile=bool(compile_layers) and single)
+        cuda_graphs=config.cuda_graphs and single and _kernels_capturable(cuda),
+        compile=bool(compile_layers) and single)
     if single:  # sharded (AutoTP) layers are not plain nn.Linear; fusing is for tp=1
         from mii_engines.runtime.patches.fusion import fuse_projections
 
@@ -120,6 +121,18 @@ def _paged(loaded: LoadedModel, config: ModelConfig, world_size: int, batch: int
     space = PagedSpace(pool, config.kv_block_size, loaded.context_length,
                        prefix_caching=config.prefix_caching)
     return KVSetup(state, space, "paged", batch, budgets)
+
+
+def _kernels_capturable(cuda: bool) -> bool:
+    """On a GPU without triton the attention runs the torch reference, which reads lengths
+    on the host: it cannot be captured in a CUDA graph, so the steps run without graphs."""
+    from mii_engines.runtime.kernels.paged_attention import triton_available
+
+    if cuda and not triton_available():
+        log.warning("[progress] triton is not installed: the paged cache runs its attention "
+                    "in torch, without CUDA graphs (much slower); pip install triton")
+        return False
+    return True
 
 
 def _check_tokens(loaded: LoadedModel) -> torch.Tensor:

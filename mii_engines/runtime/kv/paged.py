@@ -15,8 +15,10 @@ written into static buffers through pinned memory; each sequence's block table i
 gathered on the device from the per-slot tables. With ``compile``, one decoder layer
 is compiled for all layers (``runner/compile.py``).
 
-The pool is sized from the GPU memory left after the weights, a measured activation
-peak and the graphs, times ``memory_fraction``; on CPU it is given (tests, CI).
+The pool takes ``memory_fraction`` of the GPU's memory, less what is in use after
+loading (the weights), twice the measured activation peak of the largest step and a
+reserve for the graphs (``pool_blocks``), capped at what every sequence at full
+length would use; on CPU its size is given (tests, CI).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from mii_engines.runtime.patches.modules import attention_modules
 from mii_engines.runtime.runner.compile import RegionalCompile, repeated_blocks
 from mii_engines.runtime.runner.graphs import capture, row_buckets, token_buckets
 from mii_engines.runtime.runner.host_copy import to_device
-from mii_engines.runtime.runner.masks import text_config
+from mii_engines.runtime.runner.masks import MaskRule, text_config
 
 log = logging.getLogger(__name__)
 GRAPH_RESERVE_BYTES = 2**30  # workspaces, sampling copies, NCCL: beside the measured peak
@@ -83,6 +85,10 @@ class PagedState:
         self.settings = settings
         self.block_size = settings.block_size
         self._agree_blocks = agree_blocks  # tensor-parallel ranks size one pool together
+        try:  # layer types the paged attention serves exactly: full and sliding
+            MaskRule(model.config)
+        except ValueError as error:
+            raise Unsupported(str(error)) from None
         layers = text_config(model.config).num_hidden_layers
         modules = attention_modules(model, layers)
         if modules is None:

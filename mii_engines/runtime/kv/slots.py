@@ -17,7 +17,7 @@ batching loop does not care which one runs. Differences:
 - With mii's decode attention, each attention module gets its layer's slots as
   buffers after the first prefill, and decode steps run without a cache object (the
   attention function writes the new key/value). ``torch_compile`` then compiles one
-  decoder layer for all layers (regional_compile.py) instead of the whole model.
+  decoder layer for all layers (``runner/compile.py``) instead of the whole model.
 """
 from __future__ import annotations
 

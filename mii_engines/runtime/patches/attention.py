@@ -16,7 +16,7 @@ whole GPU. Prompts (more than one query token) take transformers' own SDPA path.
 When the static state has bound its slots to the attention module (``bind_slots``),
 a decode step is called without a cache object: the new key/value is written into
 the module's own slot buffers here. Nothing then reads the module's ``layer_idx``,
-so one compiled decoder layer serves every layer (see regional_compile.py).
+so one compiled decoder layer serves every layer (see ``runner/compile.py``).
 """
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ def prefill_into_slots(state: Any, ids: torch.Tensor, lengths: torch.Tensor,
 
 
 class PrefillGraphs:
-    """Captured prefills of a :class:`StaticBatchState` (CUDA only)."""
+    """Captured prefills of a :class:`~mii_engines.runtime.kv.slots.SlotState` (CUDA only)."""
 
     def __init__(self, state: Any, token_budget: int, min_width: int = 16) -> None:
         self.state = state
