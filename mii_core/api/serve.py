@@ -59,14 +59,15 @@ def prepare(mii_config: MIIConfig) -> MIIConfig:
     model = mii_config.model_conf
     model.engine = resolve_engine_name(model.engine)
     engine = load_driver("engine", model.engine)()
-    load_driver("scheduler", mii_config.scheduler)
+    scheduler = load_driver("scheduler", mii_config.scheduler)(model.replica_num)
     load_driver("transport", mii_config.transport)
     check_tensor_parallel(model_dir_config(model), model.tensor_parallel)
     for field in ("tls_cert_file", "tls_key_file"):
         path = getattr(mii_config, field)
         if path and not os.path.isfile(path):
             raise ConfigError(f"{field}: {path} does not exist")
-    with driver_hooks(engine, "engine"):
+    # The chosen engine's and scheduler's own hooks vote, as plugins' hooks do.
+    with driver_hooks(engine, "engine"), driver_hooks(scheduler, "scheduler"):
         try:
             hooks().mii_validate_config(mii_config=mii_config)
         except MIIError:

@@ -62,8 +62,8 @@ def mii_request_started(request: "RequestInfo") -> None:
     """Observe a request admitted by a replica.
 
     Called on rank 0 of the replica, in the transport's thread, when a generate
-    request passed validation and was queued. Must be quick: it is on the
-    request path.
+    request was tokenized and its lengths checked, just before it is queued. Must
+    be quick: it is on the request path. Raising rejects the request.
     """
 
 

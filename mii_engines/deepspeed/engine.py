@@ -19,7 +19,7 @@ from mii_core.plugins.interfaces import LoadedModel, RankInfo
 
 log = logging.getLogger(__name__)
 # Followers wait in a collective between steps; rank 0 sends a heartbeat plan at least
-# every few seconds (generator.IDLE_HEARTBEAT_S), so a much longer silence means a peer died.
+# every few seconds (runtime.inbox.IDLE_HEARTBEAT_S), so a much longer silence means a peer died.
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
 # init_inference options mii sets itself; users may not override them.
 RESERVED_OPTIONS = {"tensor_parallel", "dtype", "replace_with_kernel_inject", "mp_size"}

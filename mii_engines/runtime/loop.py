@@ -2,47 +2,30 @@
 
 Each step the scheduler decides who runs (``scheduler.py``), the executor runs the
 forward and samples (``executor.py``), and the output stage turns the previous
-step's tokens into text and events (``output.py``). Requests come in from transport
-threads through ``submit`` (tokenized there, ``intake.py``) and wait in an inbox
-that the loop thread empties at each step, so the scheduler is never shared.
+step's tokens into text and events (``output.py``). Requests arrive from transport
+threads through the inbox (``inbox.py``), which the loop empties at each step, so
+the scheduler is never shared between threads.
 """
 from __future__ import annotations
 
-import itertools
 import logging
-import threading
 import time
-from collections import deque
 from dataclasses import asdict
-from typing import Callable, Deque, Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 from mii_core.config.models import GenerateParamsConfig
-from mii_core.errors import DeploymentUnavailable, ServerOverloaded
 from mii_core.plugins.interfaces import RequestInfo, TokenEvent
 from mii_core.routing.stats import ReplicaStats
 from mii_engines.runtime.executor import Executor, InFlight
+from mii_engines.runtime.inbox import Inbox, RequestHandle
 from mii_engines.runtime.intake import Intake
 from mii_engines.runtime.output import Outputs
 from mii_engines.runtime.plan import StepPlan
-from mii_engines.runtime.requests import Request
 from mii_engines.runtime.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
-IDLE_HEARTBEAT_S = 5.0  # followers of a TP replica hear from rank 0 at least this often
-
-
-class RequestHandle:
-    """Lets the transport cancel a request."""
-
-    def __init__(self, loop: "EngineLoop", request: Request) -> None:
-        self._loop, self._request = loop, request
-
-    def cancel(self) -> None:
-        """Stop the request; its sequences leave at the next step."""
-        self._request.cancelled = True
-        self._loop.wake(cancelled=True)
 
 
 class EngineLoop:
@@ -51,75 +34,36 @@ class EngineLoop:
     def __init__(self, intake: Intake, scheduler: Scheduler, executor: Executor,
                  outputs: Outputs, max_queue_size: int,
                  on_started: Optional[Callable[[RequestInfo], None]] = None) -> None:
-        self.intake, self.scheduler, self.executor, self.outputs = (intake, scheduler, executor,
-                                                                    outputs)
-        self.max_queue_size = max_queue_size
-        self.on_started = on_started
-        self.metrics = outputs.metrics
-        self.counters: Dict[str, int] = {"requests": 0, "steps": 0, "prefills": 0,
-                                         "prefill_rows": 0}
+        self.scheduler, self.executor, self.outputs = scheduler, executor, outputs
+        self.inbox = Inbox(intake, outputs.metrics, max_queue_size, on_started)
+        self.counters: Dict[str, int] = {"steps": 0, "prefills": 0, "prefill_rows": 0}
         self.failed: Optional[BaseException] = None
-        self._inbox: Deque[Request] = deque()
         self._inflight: Optional[InFlight] = None
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._cancelled = False
-        self._ids = itertools.count(1)
 
-    # -- called from transport threads -------------------------------------------------
+    # -- transport threads (GenerationService) -------------------------------------------
     def submit(self, prompts: List[str], params: GenerateParamsConfig,
                sink: Callable[[TokenEvent], None]) -> RequestHandle:
         """Tokenize and queue a request; raises InvalidGenerateParams / ServerOverloaded."""
-        try:
-            request = self.intake.request(next(self._ids), prompts, params, sink)
-            if self.on_started:  # before queueing: a hook that raises rejects the request
-                self.on_started(request.info)
-            with self._cond:
-                if self._stopping:
-                    raise DeploymentUnavailable("the replica is shutting down")
-                queued = self.queued_prompts()
-                if queued + len(prompts) > self.max_queue_size:
-                    raise ServerOverloaded(f"the replica's queue is full ({queued} prompts "
-                                           f"waiting, max_queue_size={self.max_queue_size}); "
-                                           "retry later")
-                self._inbox.append(request)
-                self.counters["requests"] += 1
-                self._cond.notify()
-        except Exception:
-            self.metrics.requests["rejected"] += 1
-            raise
-        return RequestHandle(self, request)
-
-    def queued_prompts(self) -> int:
-        """Prompts waiting for admission (read without the loop's cooperation)."""
-        return len(self.scheduler.waiting) + sum(len(r.sequences) for r in list(self._inbox))
+        return self.inbox.submit(prompts, params, sink, lambda: len(self.scheduler.waiting))
 
     def stats(self) -> ReplicaStats:
         """Counters, queue depth, batch size, metrics and the KV cache's figures."""
-        outcomes = self.metrics.requests
-        queued, running = self.queued_prompts(), len(self.scheduler.running)
-        kv = self.scheduler.space.stats()
-        state = self.executor.state.stats()
+        metrics = self.outputs.metrics
+        queued = len(self.scheduler.waiting) + self.inbox.pending_prompts()
+        running = len(self.scheduler.running)
+        kv, state = self.scheduler.space.stats(), self.executor.state.stats()
         kv.bytes_total, kv.padded_rows = state.bytes_total, state.padded_rows
         kv.preemptions = self.scheduler.preemptions
-        return ReplicaStats(replica=self.intake.replica, finished=outcomes["ok"],
-                            cancelled=outcomes["cancelled"], errors=outcomes["error"],
-                            padded_prefill_rows=state.padded_rows,
-                            tokens_generated=self.metrics.tokens_generated,
-                            queue_depth=queued, running=running, kv=asdict(kv),
-                            metrics=self.metrics.snapshot(queued, running), **self.counters)
+        return ReplicaStats(
+            replica=self.inbox.intake.replica, requests=self.inbox.accepted,
+            finished=metrics.requests["ok"], cancelled=metrics.requests["cancelled"],
+            errors=metrics.requests["error"], padded_prefill_rows=state.padded_rows,
+            tokens_generated=metrics.tokens_generated, queue_depth=queued, running=running,
+            kv=asdict(kv), metrics=metrics.snapshot(queued, running), **self.counters)
 
     def stop(self) -> None:
         """Ask the loop to finish (sequences in flight are cancelled)."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-
-    def wake(self, cancelled: bool = False) -> None:
-        """Make the loop look at its requests again (e.g. one was cancelled)."""
-        with self._cond:
-            self._cancelled |= cancelled
-            self._cond.notify()
+        self.inbox.stop()
 
     # -- the loop thread -----------------------------------------------------------------
     def run(self) -> None:
@@ -129,31 +73,26 @@ class EngineLoop:
         reason = "the replica is shutting down"
         try:
             with torch.inference_mode():
-                while self._wait_for_work():
+                while self._take_arrivals():
                     self._step()
         except Exception as error:
             self.failed = error
             reason = f"the engine failed: {type(error).__name__}: {error}"
             log.exception("engine step failed; failing all requests")
-            with self._cond:
-                self._stopping = True
+            self.inbox.stop()
             raise
         finally:
             self._end_all(reason)
             if self.failed is None:
                 self.executor.shutdown()
 
-    def _wait_for_work(self) -> bool:
-        with self._cond:
-            while not (self._stopping or self._inbox or self.scheduler.has_work()):
-                if not self._cond.wait(timeout=IDLE_HEARTBEAT_S):
-                    self.executor.heartbeat()
-            while self._inbox:
-                self.scheduler.add(self._inbox.popleft().sequences)
-            if self._cancelled:
-                self._cancelled = False
-                self.scheduler.note_cancel()
-            return not self._stopping
+    def _take_arrivals(self) -> bool:
+        arrivals = self.inbox.take(self.scheduler.has_work(), self.executor.heartbeat)
+        for request in arrivals.requests:
+            self.scheduler.add(request.sequences)
+        if arrivals.cancelled:
+            self.scheduler.note_cancel()
+        return not arrivals.stopping
 
     def _step(self) -> None:
         schedule = self.scheduler.schedule()
@@ -179,10 +118,8 @@ class EngineLoop:
             self.outputs.token(seq, token, now)
 
     def _end_all(self, why: str) -> None:
-        with self._cond:
-            for request in self._inbox:
-                self.scheduler.add(request.sequences)
-            self._inbox.clear()
+        for request in self.inbox.take(True, lambda: None).requests:
+            self.scheduler.add(request.sequences)
         admitted, queued = self.scheduler.drain()
         for seq in admitted:
             if self.failed is not None:  # their step failed with the error

@@ -2,8 +2,8 @@
 import json
 
 import pytest
+from conftest import GREEDY, LogWatch, run_mii, serve, wait_until
 
-import mii
 from mii.errors import PluginError
 from mii_core.plugins.discovery import (
     discover,
@@ -52,28 +52,45 @@ def test_round_robin_is_exact_and_skips_unhealthy():
     assert [scheduler.pick([0, 2]) for _ in range(4)] == [0, 2, 0, 2]
 
 
-def test_cli_lists_plugins_with_distribution(tmp_path):
-    from conftest import run_python
-
-    result = run_python("from mii_core.cli import main; main(['plugins'])")
+def test_cli_lists_plugins_with_distribution():
+    result = run_mii("plugins")  # the installed script: its exit status is checked
     assert result.returncode == 0, result.stderr
-    assert "float64" in result.stdout and "mii-thirdparty-test" in result.stdout
-    assert "BROKEN" in result.stdout
+    rows = {tuple(line.split()[:3]): line for line in result.stdout.splitlines()}
+    assert ("engine", "float64", "mii-thirdparty-test") in rows
+    assert ("engine", "transformers", "mii-serve") in rows
+    assert ("scheduler", "highest_first", "mii-thirdparty-test") in rows
+    assert "BROKEN: ModuleNotFoundError" in rows[("engine", "broken", "mii-thirdparty-test")]
+    assert rows[("engine", "float64", "mii-thirdparty-test")].endswith("  ok")
 
 
-def test_serve_uses_third_party_engine_scheduler_and_hook(tiny_model, free_port, mii_home):
-    client = mii.serve(tiny_model, deployment_name="thirdparty", port_number=free_port,
-                       engine="float64", scheduler="highest_first", replica_num=2,
-                       inference_engine_config={"thirdparty_max_batch": 3})
+def test_serve_uses_third_party_engine_scheduler_and_hook(tiny_model, mii_home):
+    client = serve(tiny_model, deployment_name="thirdparty", engine="float64",
+                   scheduler="highest_first", replica_num=2,
+                   inference_engine_config={"thirdparty_max_batch": 3})
     try:
-        out = client(["DeepSpeed is"] * 3, max_new_tokens=4, do_sample=False)
-        assert {r.replica for r in out} == {1}  # highest_first always picks replica 1
+        assert wait_until(lambda: all(r["healthy"] for r in client.info()["replicas"]))
+        log = LogWatch("thirdparty")
+        out = client(["DeepSpeed is"] * 3, max_new_tokens=4, **GREEDY)
         info = client.info()
+        if not log.health_missed():  # else replica 1 may rightly have been skipped
+            assert {r.replica for r in out} == {1}  # highest_first always picks replica 1
+            assert [r["routed"] for r in info["replicas"]] == [0, 1]
         assert info["scheduler"] == "highest_first" and info["engine"] == "float64"
-        assert [r["routed"] for r in info["replicas"]] == [0, 1]
         log = (mii_home / "logs").glob("thirdparty-*.log")
         text = next(log).read_text()
         assert "thirdparty hook saw float64 engine (third party)" in text
         assert "max_batch_size=3" in text  # mii_adjust_config changed the config before launch
     finally:
         client.terminate_server()
+
+
+def test_the_chosen_scheduler_s_own_hooks_validate_before_anything_starts(tiny_model):
+    """A scheduler plugin's @hookimpl methods run in serve() (no second entry point)."""
+    import mii
+    from mii.errors import ConfigError
+    from mii_core.deploy import registry
+
+    with pytest.raises(ConfigError, match="highest_first needs replica_num >= 2"):
+        mii.serve(tiny_model, deployment_name="hooked-scheduler", scheduler="highest_first",
+                  replica_num=1)
+    assert registry.load("hooked-scheduler") is None

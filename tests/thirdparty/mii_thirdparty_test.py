@@ -42,6 +42,12 @@ class HighestFirstScheduler:
     def finished(self, replica):
         pass
 
+    @hookimpl
+    def mii_validate_config(self, mii_config):
+        """A scheduler's own check, called by serve() because it is the chosen scheduler."""
+        if mii_config.model_conf.replica_num < 2:
+            raise ValueError("highest_first needs replica_num >= 2")
+
 
 @hookimpl
 def mii_adjust_config(mii_config):

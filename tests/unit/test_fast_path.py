@@ -367,7 +367,7 @@ def test_admission_budgets_the_padded_prefill_not_the_token_sum(plain):
     loop = loop_for(plain, max_batch_size=8, max_queue_size=8,
                     budgets=Budgets(idle=budget, decoding=budget))  # not running
     for index, prompt in enumerate((long_prompt, "a", "b", "c")):
-        request = loop.intake.request(index, [prompt], GenerateParamsConfig(**GREEDY),
+        request = loop.inbox.intake.request(index, [prompt], GenerateParamsConfig(**GREEDY),
                                       Collector(1))
         loop.scheduler.add(request.sequences)
     first = loop.scheduler.schedule()
@@ -382,7 +382,7 @@ def test_while_rows_decode_fewer_prompt_tokens_join_per_step(plain):
     loop = loop_for(plain, max_batch_size=16, max_queue_size=16,
                     budgets=Budgets(idle=8 * width, decoding=2 * width))  # not running
     for index in range(12):
-        request = loop.intake.request(index, ["x"], GenerateParamsConfig(**GREEDY), Collector(1))
+        request = loop.inbox.intake.request(index, ["x"], GenerateParamsConfig(**GREEDY), Collector(1))
         loop.scheduler.add(request.sequences)
     first = loop.scheduler.schedule()  # nothing running: the whole budget
     assert len(first.rows) == 8 and all(seq.phase is Phase.RUNNING for seq in first.rows)
