@@ -116,3 +116,20 @@ def run(loop: EngineLoop, prompts: List[str], **params) -> Collector:
     loop.submit(prompts, GenerateParamsConfig(**params), sink)
     assert sink.done.wait(60), "generation did not finish"
     return sink
+
+
+def latent_attention_model():
+    """A 2-layer DeepSeek-V3 (latent attention: it caches something other than what it
+    attends over), random weights, SDPA."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "deepseek_v3", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=300,
+        max_position_embeddings=256, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        kv_lora_rank=32, q_lora_rank=None, n_routed_experts=4, num_experts_per_tok=2,
+        n_group=1, topk_group=1, first_k_dense_replace=1, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import GREEDY, PROMPTS, Collector, load, loop_for, make_loop, run, running
+from engine_helpers import (GREEDY, PROMPTS, Collector, latent_attention_model, load, loop_for,
+                            make_loop, run, running)
 
 from mii_core.config.models import GenerateParamsConfig
 from mii_engines.runtime.kv.dynamic import DynamicState
@@ -197,19 +198,9 @@ def test_a_model_caching_latents_decodes_through_the_cache_object(compile_decode
     compiled step is the whole step), with the dynamic cache's logits."""
     import random
 
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from mii_engines.runtime.patches.attention import use_grouped_decode_attention
 
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(
-        "deepseek_v3", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=300,
-        max_position_embeddings=256, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-        kv_lora_rank=32, q_lora_rank=None, n_routed_experts=4, num_experts_per_tok=2,
-        n_group=1, topk_group=1, first_k_dense_replace=1, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    model = latent_attention_model()
     assert use_grouped_decode_attention(model)
     static = SlotState(model, torch.device("cpu"), 4, 64, compile_decode=compile_decode)
     dynamic = DynamicState(model, torch.device("cpu"))

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 from engine_helpers import (GREEDY, PROMPTS, Collector, load, loop_for, run, running,
-                            settled_stats)
+                            latent_attention_model, settled_stats)
 
 from mii_core.config.models import GenerateParamsConfig, ModelConfig
 from mii_core.errors import ConfigError, InvalidGenerateParams
@@ -278,23 +278,9 @@ def _run_and_catch(loop):
 
 
 # -- when the paged cache cannot serve a model ---------------------------------------------------
-def _latent_attention_model():
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(
-        "deepseek_v3", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=300,
-        max_position_embeddings=256, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-        kv_lora_rank=32, q_lora_rank=None, n_routed_experts=4, num_experts_per_tok=2,
-        n_group=1, topk_group=1, first_k_dense_replace=1, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-
-
 def test_latent_attention_falls_back_to_the_dynamic_cache_with_the_reason(tiny_model, caplog):
     loaded = load(tiny_model)
-    loaded.model = _latent_attention_model()
+    loaded.model = latent_attention_model()
     config = ModelConfig(model_name_or_path="x", max_batch_size=2, kv_blocks=16)
     with pytest.raises(ConfigError, match="differ in head size"):
         choose.paged_or_fallback(loaded, config, 1, fallback=False)
