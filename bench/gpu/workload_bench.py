@@ -30,14 +30,16 @@ MODEL = os.environ.get("MODEL_DIR", "/tmp/llama1b")
 SYSTEM = os.environ.get("SYSTEM", "ours")
 VOCAB = int(os.environ.get("VOCAB", 128000))
 LABEL = os.environ.get("LABEL", SYSTEM)
-# name -> [(requests, prompt min, prompt max, new tokens)]
+# name -> [(requests, prompt min, prompt max, new tokens)]; cases named s* sample (MII's
+# default request: do_sample=True, top_p 0.9), the others are greedy
 CASES: Dict[str, List[Tuple[int, int, int, int]]] = {
     "c128": [(1, 128, 128, 128), (16, 128, 128, 128), (64, 128, 128, 128)],
+    "s128": [(1, 128, 128, 128), (16, 128, 128, 128), (64, 128, 128, 128)],
     "mixed128": [(128, 64, 1024, 256)],
     "mixed512": [(512, 64, 1024, 256)],
     "mixed256": [(256, 64, 1024, 256)],
     "long": [(1, 3800, 3900, 128), (8, 3800, 3900, 128), (32, 3800, 3900, 128)],
-    "dry": [(1, 8, 8, 8), (4, 4, 16, 8)],  # the CPU dry run on the tiny model
+    "dry": [(1, 2, 2, 8), (4, 1, 3, 8)],  # the CPU dry run on the tiny model
 }
 
 
@@ -88,27 +90,27 @@ def ours() -> None:
     ready = time.time() - started
     log(event="ready", ready_s=round(ready, 1), serve_kwargs=extra)
     try:
-        async def one(text: str, new: int, limit: int):
+        async def one(text: str, new: int, limit: int, sample: bool):
             t0 = time.perf_counter()
-            result = await client.agenerate(text, max_new_tokens=new, do_sample=False,
+            result = await client.agenerate(text, max_new_tokens=new, do_sample=sample,
                                             ignore_eos=True, max_length=limit, timeout=900)
             return time.perf_counter() - t0, result[0].generated_length
 
-        async def run(texts: List[str], new: int, limit: int):
-            return await asyncio.gather(*(one(t, new, limit) for t in texts))
+        async def run(texts: List[str], new: int, limit: int, sample: bool = False):
+            return await asyncio.gather(*(one(t, new, limit, sample) for t in texts))
 
         asyncio.run(run(["w11 w12 w13"] * 4, 4, 64))
         wait_for_peer()
         for name, (n, pmin, pmax, new) in cases():
-            texts = prompts(n, pmin, pmax)
-            asyncio.run(run(texts[:min(n, 8)], 8, pmax + new + 16))  # this shape, once
+            texts, sample = prompts(n, pmin, pmax), name.startswith("s")
+            asyncio.run(run(texts[:min(n, 8)], 8, pmax + new + 16, sample))  # this shape, once
             t0 = time.perf_counter()
-            results = asyncio.run(run(texts, new, pmax + new + 16))
+            results = asyncio.run(run(texts, new, pmax + new + 16, sample))
             wall = time.perf_counter() - t0
             tokens = sum(r[1] for r in results)
             latencies = [r[0] for r in results]
-            log(case=name, n=n, pmin=pmin, pmax=pmax, new=new, wall_s=round(wall, 2),
-                gen_tokens=tokens, tok_s=round(tokens / wall, 1),
+            log(case=name, n=n, pmin=pmin, pmax=pmax, new=new, sample=sample,
+                wall_s=round(wall, 2), gen_tokens=tokens, tok_s=round(tokens / wall, 1),
                 lat_p50_s=round(pct(latencies, 50), 2), lat_p99_s=round(pct(latencies, 99), 2))
         log(event="info", info=client.info())
     finally:
@@ -124,18 +126,18 @@ def fastgen() -> None:
     pipe(["w11 w12 w13"] * 4, max_new_tokens=4)
     wait_for_peer()
     for name, (n, pmin, pmax, new) in cases():
-        texts = prompts(n, pmin, pmax)
-        pipe(texts[:min(n, 8)], max_new_tokens=8, ignore_eos=True, do_sample=False)
+        texts, sample = prompts(n, pmin, pmax), name.startswith("s")
+        pipe(texts[:min(n, 8)], max_new_tokens=8, ignore_eos=True, do_sample=sample)
         t0 = time.perf_counter()
         try:
-            out = pipe(texts, max_new_tokens=new, ignore_eos=True, do_sample=False)
+            out = pipe(texts, max_new_tokens=new, ignore_eos=True, do_sample=sample)
         except Exception as error:  # e.g. out of GPU memory at 512 requests
             log(case=name, n=n, pmin=pmin, pmax=pmax, new=new, error=repr(error)[:400])
             continue
         wall = time.perf_counter() - t0
         tokens = sum(r.generated_length for r in out)
-        log(case=name, n=n, pmin=pmin, pmax=pmax, new=new, wall_s=round(wall, 2),
-            gen_tokens=tokens, tok_s=round(tokens / wall, 1))
+        log(case=name, n=n, pmin=pmin, pmax=pmax, new=new, sample=sample,
+            wall_s=round(wall, 2), gen_tokens=tokens, tok_s=round(tokens / wall, 1))
     pipe.destroy()
 
 
