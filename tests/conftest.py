@@ -207,10 +207,12 @@ class LogWatch:
 
 
 # -- the `mii` console script and fresh interpreters ---------------------------------------
-def run_mii(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    """Run the installed ``mii`` console script (the exit status is the script's)."""
+def run_mii(*args: str, timeout: float = 180,
+            env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """Run the installed ``mii`` console script (the exit status is the script's), with
+    ``env`` added to this environment."""
     return subprocess.run([str(MII_SCRIPT), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=str(ROOT))
+                          timeout=timeout, cwd=str(ROOT), env={**os.environ, **(env or {})})
 
 
 def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -221,13 +223,15 @@ def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 # -- the test hook plugin --------------------------------------------------------------------
 HOLD_STOP = "<<mii-test: hold the engine loop>>"
+REJECT_STOP = "<<mii-test: reject in mii_request_started>>"
 HOOKS_PLUGIN = textwrap.dedent('''
     """mii's test hook plugin: records every hook call; holds a replica on request.
 
     Active only in processes whose environment names MII_TEST_HOOKS_DIR (deployments
     that tests start with ``conftest.Hooks``). A request whose stop strings include
     HOLD_STOP stops the replica's engine loop, right after that request finished, for
-    as long as the file ``hold`` exists; a replica loading while ``hold-loading`` exists
+    as long as the file ``hold`` exists; one with REJECT_STOP makes mii_request_started
+    raise; a replica loading while ``hold-loading`` exists
     waits before it serves. With MII_TEST_STUBBORN_CHILD set, every replica starts a
     child that ignores SIGTERM (in the replica's process group).
     """
@@ -240,6 +244,7 @@ HOOKS_PLUGIN = textwrap.dedent('''
     from mii.plugins import hookimpl
 
     HOLD_STOP = {hold_stop!r}
+    REJECT_STOP = {reject_stop!r}
     STUBBORN = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                 "open(sys.argv[2], 'w').close(); time.sleep(600)")
 
@@ -293,6 +298,16 @@ HOOKS_PLUGIN = textwrap.dedent('''
     def mii_request_started(request):
         _record("request_started", id=request.request_id, replica=request.replica,
                 prompts=request.prompt_count, prompt_tokens=list(request.prompt_tokens))
+        if REJECT_STOP in request.params.stop:
+            raise ValueError("rejected by the test's mii_request_started hook")
+
+
+    @hookimpl
+    def mii_add_cli_commands(subparsers):
+        if _dir():
+            command = subparsers.add_parser("test-hooks", help="a command the test plugin adds")
+            command.add_argument("word")
+            command.set_defaults(func=lambda args: print(f"test hooks say {{args.word}}") or 3)
 
 
     @hookimpl
@@ -303,7 +318,7 @@ HOOKS_PLUGIN = textwrap.dedent('''
             _record("held", replica=request.replica)
             _wait_while("hold")
             _record("released", replica=request.replica)
-''').format(hold_stop=HOLD_STOP)
+''').format(hold_stop=HOLD_STOP, reject_stop=REJECT_STOP)
 
 
 def _install_hooks_plugin() -> Path:

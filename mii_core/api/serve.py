@@ -19,7 +19,8 @@ from mii_core.api.client import MIIClient
 from mii_core.config.kwargs import parse_serve_kwargs
 from mii_core.config.models import MIIConfig, default_deployment_name
 from mii_core.deploy import devices, logs, registry
-from mii_core.deploy.model_source import check_tensor_parallel, model_dir_config
+from mii_core.deploy.model_source import (check_model_limits, check_tensor_parallel,
+                                         check_tokenizer, model_dir_config)
 from mii_core.deploy.ports import free_port, free_ports, is_port_free, require_free
 from mii_core.deploy.registry import DeploymentRecord, ReplicaRecord
 from mii_core.errors import (
@@ -61,7 +62,10 @@ def prepare(mii_config: MIIConfig) -> MIIConfig:
     engine = load_driver("engine", model.engine)()
     scheduler = load_driver("scheduler", mii_config.scheduler)(model.replica_num)
     load_driver("transport", mii_config.transport)
-    check_tensor_parallel(model_dir_config(model), model.tensor_parallel)
+    model_json = model_dir_config(model)
+    check_tensor_parallel(model_json, model.tensor_parallel)
+    check_model_limits(model_json, model)
+    check_tokenizer(model)
     for field in ("tls_cert_file", "tls_key_file"):
         path = getattr(mii_config, field)
         if path and not os.path.isfile(path):

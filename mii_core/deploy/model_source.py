@@ -54,3 +54,22 @@ def check_tensor_parallel(config: Optional[Dict[str, Any]], tensor_parallel: int
         if count and count % tensor_parallel:
             raise ConfigError(f"tensor_parallel ({tensor_parallel}) does not divide the model's "
                               f"{label} ({count}); choose a divisor of {count}")
+
+
+def check_model_limits(config: Optional[Dict[str, Any]], model_config: ModelConfig) -> None:
+    """Refuse a ``max_length`` beyond the model's position limit (the replica would)."""
+    if not config or model_config.max_length is None:
+        return
+    limit = config.get("max_position_embeddings") or (
+        config.get("text_config") or {}).get("max_position_embeddings")
+    if isinstance(limit, int) and model_config.max_length > limit:
+        raise ConfigError(f"max_length ({model_config.max_length}) exceeds the model's "
+                          f"max_position_embeddings ({limit})")
+
+
+def check_tokenizer(model_config: ModelConfig) -> None:
+    """Refuse a ``tokenizer`` given as a local path that does not exist."""
+    name = model_config.tokenizer
+    if name and name != model_config.model_name_or_path and _looks_local(name):
+        if not Path(os.path.expanduser(name)).exists():
+            raise ConfigError(f"tokenizer: {name} does not exist")

@@ -14,11 +14,15 @@ class TransformersEngine:
 
     @hookimpl
     def mii_validate_config(self, mii_config: MIIConfig) -> None:
-        """Refuse tensor_parallel > 1, which this engine cannot shard."""
-        tp = mii_config.model_conf.tensor_parallel
-        if tp > 1:
-            raise ConfigError(f"tensor_parallel={tp}: the transformers engine runs one process "
-                              "per replica; use engine='deepspeed' for tensor parallelism")
+        """Refuse tensor_parallel > 1 (this engine cannot shard) and quantization."""
+        model = mii_config.model_conf
+        if model.tensor_parallel > 1:
+            raise ConfigError(f"tensor_parallel={model.tensor_parallel}: the transformers "
+                              "engine runs one process per replica; use engine='deepspeed' "
+                              "for tensor parallelism")
+        if model.quantization_mode:
+            raise ConfigError(f"quantization_mode {model.quantization_mode!r} is not supported "
+                              "by the transformers engine")
 
     def setup_distributed(self, rank: RankInfo) -> None:
         """Never called: the engine refuses world_size > 1."""

@@ -10,12 +10,23 @@ import time
 
 import grpc
 import pytest
-from conftest import kill_deployment, run_python
+from conftest import GREEDY as FIXED  # greedy, no EOS: a fixed text of a fixed length
+from conftest import (
+    MII_SCRIPT,
+    LogWatch,
+    kill_deployment,
+    our_processes,
+    ours_listening,
+    refused_port,
+    run_mii,
+    run_python,
+    serve,
+    wait_until,
+)
 
 import mii
 from mii.errors import (
     ConfigError,
-    DeadlineExceeded,
     DeploymentExistsError,
     DeploymentNotFoundError,
     DeploymentStartupError,
@@ -26,7 +37,7 @@ from mii.errors import (
     UnknownArgument,
 )
 from mii_core.deploy import registry
-from mii_core.deploy.ports import is_port_free
+from mii_core.deploy.ports import free_port
 from mii_transport.grpc.generated import mii_pb2, mii_pb2_grpc
 
 GREEDY = dict(do_sample=False, max_new_tokens=16, ignore_eos=True)
@@ -60,7 +71,7 @@ mii.client({tiny_model!r}).terminate_server()
         third = run_python(stop_script)
         assert third.returncode == 0, third.stderr
         assert registry.load("tiny-llama-mii-deployment") is None
-        assert is_port_free(record.port)
+        assert not ours_listening(record.port)
         assert not [p for p in record.pids.values() if registry.pid_alive(p)]
     finally:
         kill_deployment("tiny-llama-mii-deployment")
@@ -127,19 +138,12 @@ def test_server_validates_requests_that_skip_the_client(deployment):
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert match in caught.value.details()
     assert deployment.is_serving()
-    assert deployment("still alive", max_new_tokens=2)[0].generated_length == 2
+    assert deployment("still alive", max_new_tokens=2, **FIXED)[0].generated_length == 2
 
 
 def test_server_side_error_becomes_typed_exception(deployment):
     with pytest.raises(InvalidGenerateParams, match=r"prompts\[0\].*max_length=3"):
         deployment("a long prompt over the limit", max_length=3)
-
-
-def test_deadline_is_honoured(deployment):
-    with pytest.raises(DeadlineExceeded):
-        deployment("DeepSpeed is", max_new_tokens=500, max_length=600, ignore_eos=True,
-                   timeout=0.05)
-    assert deployment("ok", max_new_tokens=2)[0].generated_length == 2
 
 
 def test_abandoned_stream_is_cancelled_on_the_server(deployment):
@@ -150,10 +154,7 @@ def test_abandoned_stream_is_cancelled_on_the_server(deployment):
     stream = deployment.stream("DeepSpeed is", max_new_tokens=400, max_length=500, ignore_eos=True)
     next(stream)
     stream.close()
-    deadline = time.time() + 10
-    while cancelled() == before and time.time() < deadline:
-        time.sleep(0.05)
-    assert cancelled() == before + 1
+    assert wait_until(lambda: cancelled() == before + 1, 10)
 
 
 def test_async_generate_and_stream(deployment):
@@ -167,6 +168,29 @@ def test_async_generate_and_stream(deployment):
     unary, pieces, concurrent = asyncio.run(main())
     assert "".join(p.generated_text for p in pieces) == unary[0].generated_text
     assert all(c[0].generated_text == unary[0].generated_text for c in concurrent)
+
+
+def check_multi_prompt_stream(chunks, batch) -> None:
+    """Chunks of a multi-prompt stream: each carries its prompt's index, each prompt's
+    chunks add up to its unary text, and only each prompt's last chunk has a reason."""
+    assert {c.index for c in chunks} == set(range(len(batch)))
+    for index, whole in enumerate(batch):
+        mine = [c for c in chunks if c.index == index]
+        assert "".join(c.generated_text for c in mine) == whole.generated_text
+        assert [c.finish_reason for c in mine] == ["none"] * (len(mine) - 1) + ["length"]
+        assert (mine[-1].prompt_length, mine[-1].generated_length) == \
+            (whole.prompt_length, whole.generated_length)
+
+
+def test_multi_prompt_stream_and_astream(deployment):
+    prompts = ["DeepSpeed is", "Seattle is a city", "The sea"]
+    batch = deployment(prompts, **GREEDY)
+    check_multi_prompt_stream(list(deployment.stream(prompts, **GREEDY)), batch)
+
+    async def collect():
+        return [c async for c in deployment.astream(prompts, **GREEDY)]
+
+    check_multi_prompt_stream(asyncio.run(collect()), batch)
 
 
 def test_backend_client_class_path_constructs_as_in_mii(deployment):
@@ -189,29 +213,28 @@ def test_same_name_twice_is_refused_naming_the_port(deployment, tiny_model):
                   engine="transformers")
 
 
-def test_port_in_use_is_refused_before_starting(tiny_model, free_port):
+def test_port_in_use_is_refused_before_starting(tiny_model, no_process_started):
     with socket.socket() as busy:
-        busy.bind(("127.0.0.1", free_port))
+        busy.bind(("127.0.0.1", 0))  # the port is ours for the whole test
         busy.listen()
-        with pytest.raises(PortInUseError, match=f"port_number port {free_port}"):
-            mii.serve(tiny_model, deployment_name="busy", port_number=free_port)
+        port = busy.getsockname()[1]
+        with pytest.raises(PortInUseError, match=f"port_number port {port}"):
+            mii.serve(tiny_model, deployment_name="busy", port_number=port)
     assert registry.load("busy") is None
 
 
-def test_missing_model_path_fails_fast(tmp_path):
-    started = time.time()
+def test_missing_model_path_fails_before_any_process(tmp_path, no_process_started):
     with pytest.raises(ConfigError, match="does not exist"):
         mii.serve(str(tmp_path / "nope"))
-    assert time.time() - started < 5
     assert registry.load("nope-mii-deployment") is None
 
 
-def test_directory_without_model_fails_fast(tmp_path):
+def test_directory_without_model_fails_before_any_process(tmp_path, no_process_started):
     with pytest.raises(ConfigError, match="not a model directory"):
         mii.serve(str(tmp_path))
 
 
-def test_broken_weights_fail_startup_with_log_tail(tiny_model, tmp_path, free_port):
+def test_broken_weights_fail_startup_with_log_tail(tiny_model, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     for name in os.listdir(tiny_model):
@@ -219,17 +242,25 @@ def test_broken_weights_fail_startup_with_log_tail(tiny_model, tmp_path, free_po
             (broken / name).write_bytes((__import__("pathlib").Path(tiny_model) / name).read_bytes())
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(DeploymentStartupError) as caught:
-        mii.serve(str(broken), port_number=free_port, engine="transformers")
+        serve(str(broken), engine="transformers")
     message = str(caught.value)
     assert "failed to start" in message and "replica-0 exited" in message
     assert "last lines of" in message and "Traceback" in message
-    assert registry.load("broken-mii-deployment") is None
-    assert is_port_free(free_port)
+    assert registry.load("broken-mii-deployment") is None  # and no process: see the fixture
 
 
-def test_terminated_deployment_gives_clear_errors(tiny_model, free_port):
-    client = mii.serve(tiny_model, deployment_name="short-lived", port_number=free_port,
-                       engine="transformers")
+def test_startup_timeout_stops_everything_it_started(tiny_model):
+    record_file = str(registry.record_path("too-slow"))
+    with pytest.raises(DeploymentStartupError, match=r"startup_timeout=0\.5s") as caught:
+        serve(tiny_model, deployment_name="too-slow", engine="transformers",
+              startup_timeout=0.5)
+    assert "last lines of" in str(caught.value)
+    assert registry.load("too-slow") is None
+    assert record_file not in our_processes().values()  # serve() waited for the teardown
+
+
+def test_terminated_deployment_gives_clear_errors(tiny_model):
+    client = serve(tiny_model, deployment_name="short-lived", engine="transformers")
     pids = registry.load("short-lived").pids
     client.terminate_server()
     assert not [p for p in pids.values() if registry.pid_alive(p)]
@@ -237,9 +268,10 @@ def test_terminated_deployment_gives_clear_errors(tiny_model, free_port):
         client("hello")
     with pytest.raises(DeploymentNotFoundError, match="short-lived"):
         mii.client("short-lived")
-    stale = mii.MIIClient(client.mii_config, port=free_port)
-    with pytest.raises(DeploymentUnavailable, match="not reachable"):
-        stale("hello")
+    with refused_port() as nobody:
+        stale = mii.MIIClient(client.mii_config, port=nobody)
+        with pytest.raises(DeploymentUnavailable, match="not reachable"):
+            stale("hello")
 
 
 def test_stale_record_is_detected_and_removed(tiny_model):
@@ -260,32 +292,82 @@ def test_serve_refuses_inside_a_distributed_launch(tiny_model, monkeypatch):
         mii.serve(tiny_model)
 
 
+def mii_ok(*args: str) -> str:
+    """stdout of the ``mii`` script run with ``args``, which must exit 0."""
+    result = run_mii(*args)
+    assert result.returncode == 0, (args, result.returncode, result.stderr)
+    return result.stdout
+
+
+GREEDY_SET = ["--set", "max_new_tokens=16", "--set", "do_sample=false", "--set",
+              "ignore_eos=true"]
+
+
 def test_cli_commands(deployment):
     name = deployment.deployment_name
-    listed = run_python(f"from mii_core.cli import main; main(['list'])")
-    assert name in listed.stdout and "ready" in listed.stdout
-    status = run_python(f"from mii_core.cli import main; main(['status', {name!r}])")
-    info = json.loads(status.stdout)
+    listed = [line.split("\t") for line in mii_ok("list").splitlines()]
+    assert [name, f"127.0.0.1:{deployment.port}", "ready", "transformers", "replicas=1"] in listed
+    info = json.loads(mii_ok("status", name))
     assert info["serving"] and info["replicas"][0]["healthy"] and info["state"] == "ready"
-    generated = run_python(f"from mii_core.cli import main; main(['generate', {name!r}, "
-                           f"'DeepSpeed is', '--set', 'max_new_tokens=16', '--set', "
-                           f"'do_sample=false', '--set', 'ignore_eos=true'])")
-    assert generated.stdout.strip() == deployment("DeepSpeed is", **GREEDY)[0].generated_text.strip()
-    logs = run_python(f"from mii_core.cli import main; main(['logs', {name!r}])")
-    assert "ready" in logs.stdout
+    assert info["deployment"] == name
+    expected = deployment("DeepSpeed is", **GREEDY)[0].generated_text
+    assert mii_ok("generate", name, "DeepSpeed is", *GREEDY_SET) == expected + "\n"
+    assert mii_ok("generate", name, "DeepSpeed is", "--stream", *GREEDY_SET) == expected + "\n"
+    logs = mii_ok("logs", name, "-n", "3").splitlines()
+    assert len(logs) == 3 and all(line in open(info["log"]).read() for line in logs)
 
 
-def test_ctrl_c_of_the_caller_does_not_stop_the_deployment(tiny_model, free_port):
+CLI_ERRORS = [  # (arguments, exit status, stderr must contain)
+    (["generate", "nobody", "hi"], 1,
+     "mii: DeploymentNotFoundError: no running deployment named 'nobody'"),
+    (["generate", "{name}", "hi", "--set", "bogus=1"], 1,
+     "mii: UnknownArgument: Keyword argument 'bogus'"),
+    (["generate", "{name}", "hi", "--set", "max_new_tokens"], 1, "--set expects key=value"),
+    (["generate", "{name}", "hi", "--set", "top_p=2"], 1, "mii: InvalidGenerateParams: top_p"),
+    (["status", "nobody"], 1, "mii: DeploymentNotFoundError"),
+    (["stop", "nobody"], 1, "mii: DeploymentNotFoundError"),
+    (["logs", "nobody"], 1, "no deployment record for 'nobody'"),
+    (["serve", "/nonexistent/model"], 1,
+     "mii: ConfigError: model_name_or_path: /nonexistent/model does not exist"),
+    (["no-such-command"], 2, "invalid choice: 'no-such-command'"),
+    ([], 2, "the following arguments are required: command"),
+]
+
+
+def test_cli_error_exits(deployment):
+    """Each mistake exits non-zero with one line naming it, no traceback, no stdout."""
+    import subprocess
+
+    runs = [(args, code, message, subprocess.Popen(
+        [str(MII_SCRIPT), *[a.format(name=deployment.deployment_name) for a in args]],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        for args, code, message in CLI_ERRORS]  # concurrently: each is an interpreter start
+    for args, code, message, proc in runs:
+        out, err = proc.communicate(timeout=120)
+        assert (proc.returncode, out) == (code, ""), (args, err)
+        assert message in err and "Traceback" not in err, (args, err)
+    assert deployment.is_serving()
+
+
+def test_ctrl_c_of_the_caller_does_not_stop_the_deployment(tiny_model):
     import signal
     import subprocess
 
     # Like a terminal: SIGINT to the caller's whole process group (a shell may have ignored it).
     # SIGUSR1 makes the caller print every thread's stack: what it waits on if it hangs.
     script = (f"import faulthandler, mii, signal, time\n"
+              "from mii_core.deploy.ports import free_port\n"
               "faulthandler.register(signal.SIGUSR1, all_threads=True)\n"
               "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-              f"mii.serve({tiny_model!r}, deployment_name='sigint', "
-              f"port_number={free_port}, engine='transformers')\nprint('up', flush=True)\n"
+              "for attempt in range(4):  # a port picked here may be taken before it is bound\n"
+              "    try:\n"
+              f"        mii.serve({tiny_model!r}, deployment_name='sigint', "
+              "port_number=free_port(), engine='transformers')\n"
+              "        break\n"
+              "    except (mii.errors.PortInUseError, mii.errors.DeploymentStartupError) as e:\n"
+              "        if attempt == 3 or 'in use' not in str(e):\n"
+              "            raise\n"
+              "print('up', flush=True)\n"
               "time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -299,7 +381,7 @@ def test_ctrl_c_of_the_caller_does_not_stop_the_deployment(tiny_model, free_port
             time.sleep(1)
             raise
         client = mii.client("sigint")
-        assert client("DeepSpeed is", max_new_tokens=3)[0].generated_length == 3
+        assert client("DeepSpeed is", max_new_tokens=3, **FIXED)[0].generated_length == 3
         client.terminate_server()
     finally:
         if proc.poll() is None:
@@ -307,15 +389,34 @@ def test_ctrl_c_of_the_caller_does_not_stop_the_deployment(tiny_model, free_port
         kill_deployment("sigint")
 
 
-def test_static_kv_cache_deployment_matches_dynamic(deployment, tiny_model, free_port):
-    static = mii.serve(tiny_model, deployment_name="static-kv", port_number=free_port,
-                       engine="transformers", kv_cache="static", max_length=128,
-                       max_batch_size=8)
+def test_cli_serves_a_static_kv_cache_deployment_that_matches_dynamic(deployment, tiny_model):
+    """``mii serve`` (``--set`` values of several types) and ``mii stop``, as the installed
+    script; the deployment it starts has a static KV cache and gives the dynamic one's text."""
+    settings = ["deployment_name=static-kv", "engine=transformers", "kv_cache=static",
+                "max_length=128", "max_batch_size=8"]
+    for attempt in range(4):  # the port picked here may be taken before it is bound
+        port = free_port()
+        args = ["serve", tiny_model, *[f"--set={s}" for s in settings + [f"port_number={port}"]]]
+        served = run_mii(*args)
+        if served.returncode == 0 or attempt == 3 or "in use" not in served.stderr:
+            break
+    assert served.returncode == 0, served.stderr
+    assert served.stdout == f"static-kv serving on 127.0.0.1:{port}\n"
     try:
+        record = registry.load("static-kv")
+        config = record.mii_config.model_conf
+        assert (config.kv_cache, config.max_length, config.max_batch_size) == ("static", 128, 8)
+        static = mii.client("static-kv")
         prompts = ["DeepSpeed is", "Seattle is", "The sea"]
         assert [r.generated_text for r in static(prompts, **GREEDY)] == \
             [r.generated_text for r in deployment(prompts, **GREEDY)]
         with pytest.raises(InvalidGenerateParams, match="max_length"):
             static(" ".join(["word"] * 200), max_new_tokens=2)  # beyond the slot length
+        log = LogWatch("static-kv")
+        assert mii_ok("stop", "static-kv") == "stopped static-kv\n"
+        assert registry.load("static-kv") is None
+        assert not [p for p in [*record.pids.values(), record.supervisor_pid]
+                    if registry.pid_alive(p)]
+        assert "deployment static-kv stopped (terminated)" in log.text()
     finally:
-        static.terminate_server()
+        kill_deployment("static-kv")

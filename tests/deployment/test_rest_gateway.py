@@ -6,32 +6,40 @@ import asyncio
 import json
 import os
 import signal
-import time
 
 import httpx
 import openai
 import pytest
-from conftest import deployed, wait_until
+from conftest import (
+    Hooks,
+    deployed,
+    listening,
+    ours_listening,
+    queue_depth,
+    serve,
+    wait_until,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
-import mii
 from mii_core.deploy import registry
-from mii_core.deploy.ports import free_port as pick
-from mii_core.deploy.ports import is_port_free
 
 GREEDY = dict(do_sample=False, max_new_tokens=12)
-
-
+REST_HOST = "127.0.0.3"  # restful_api_host: a loopback address of its own
 
 
 @pytest.fixture(scope="module")
-def gw(tiny_model, tmp_path_factory):
-    """A module-wide deployment with the gateway on; yields (client, base URL, name)."""
+def gw_hooks(tmp_path_factory):
+    return Hooks(tmp_path_factory.mktemp("rest-hooks"))
+
+
+@pytest.fixture(scope="module")
+def gw(tiny_model, tmp_path_factory, gw_hooks):
+    """A module-wide deployment with the gateway on (bound to ``REST_HOST``, on a port the
+    deployment got); yields (client, base URL, name)."""
     name = f"rest-{tmp_path_factory.mktemp('rest').name}"
-    rest_port = pick()
-    with deployed(tiny_model, name, engine="transformers", enable_restful_api=True,
-                  restful_api_port=rest_port) as client:
-        yield client, f"http://127.0.0.1:{rest_port}", name
+    with deployed(tiny_model, name, hooks=gw_hooks, engine="transformers",
+                  enable_restful_api=True, restful_api_host=REST_HOST) as client:
+        yield client, f"http://{REST_HOST}:{client.mii_config.restful_api_port}", name
 
 
 @pytest.fixture(scope="module")
@@ -118,11 +126,21 @@ def test_openai_completions_match_the_client(gw, oai):
                                    max_tokens=12, temperature=0, echo=True)
     assert [c.index for c in batch.choices] == [0, 1]
     assert batch.choices[0].text == "DeepSpeed is" + direct.generated_text
-    # sampling parameters are accepted (top_p, stop, and the extension top_k)
-    sampled = oai.completions.create(model=name, prompt="DeepSpeed is", max_tokens=5,
-                                     temperature=0.7, top_p=0.9, stop=["\n"],
-                                     extra_body={"top_k": 20})
-    assert sampled.usage.completion_tokens <= 5
+    # sampling parameters take effect: top_k=1 (an extension) or a tiny top_p leave only
+    # the most likely token, so sampling at any temperature gives the greedy text
+    for options in (dict(extra_body={"top_k": 1}), dict(top_p=1e-6)):
+        sampled = oai.completions.create(model=name, prompt="DeepSpeed is", max_tokens=12,
+                                         temperature=1.5, **options)
+        assert sampled.choices[0].text == direct.generated_text, options
+    # a stop string cuts the text before its first occurrence and ends generation there
+    text = direct.generated_text
+    assert len(text) >= 6, text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    stopped = oai.completions.create(model=name, prompt="DeepSpeed is", max_tokens=12,
+                                     temperature=0, stop=[stop])
+    assert stopped.choices[0].text == text[:text.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens < direct.generated_length
 
 
 def test_openai_completions_stream(gw, oai):
@@ -290,6 +308,12 @@ def test_health(gw):
     assert httpx.get(f"{base}/healthz").status_code == 200
 
 
+def test_gateway_binds_restful_api_host_only(gw):
+    client, base, name = gw
+    gateway = registry.load(name).pids["rest-gateway"]
+    assert listening(gateway) == {(REST_HOST, client.mii_config.restful_api_port)}
+
+
 def test_metrics_per_replica_and_aggregated(gw):
     client, base, name = gw
     before = metric_families(base)
@@ -359,10 +383,11 @@ def test_killed_gateway_is_restarted_on_the_same_port(gw):
     assert reply.status_code == 200 and reply.json()[0]["generated_length"] == 12
 
 
-def test_unavailable_deployment_is_503_and_deadline_is_504(gw):
+def test_unavailable_deployment_is_503_and_deadline_is_504(gw, gw_hooks):
     client, base, name = gw
-    reply = httpx.post(f"{base}/mii/{name}", timeout=60, json={
-        "prompts": "DeepSpeed is", "max_new_tokens": 400, "ignore_eos": True, "timeout": 0.05})
+    with gw_hooks.held(client):  # nothing can finish: the deadline passes for certain
+        reply = httpx.post(f"{base}/mii/{name}", timeout=60, json={
+            "prompts": "DeepSpeed is", "max_new_tokens": 4, "timeout": 0.5})
     assert reply.status_code == 504 and reply.json()["error"]["type"] == "DeadlineExceeded"
     replica = registry.load(name).pids["replica-0"]
     os.kill(replica, signal.SIGSTOP)  # unresponsive: the load balancer marks it unhealthy
@@ -404,35 +429,33 @@ def test_replica_lost_mid_stream_ends_with_an_error_event(gw):
     assert wait_until(lambda: httpx.get(f"{base}/health", timeout=10).status_code == 200, 60)
 
 
-def test_gateway_dies_with_terminate_server(tiny_model, free_port):
-    rest_port = pick()
-    client = mii.serve(tiny_model, deployment_name="rest-stop", port_number=free_port,
-                       engine="transformers", enable_restful_api=True,
-                       restful_api_port=rest_port)
+def test_gateway_dies_with_terminate_server(tiny_model):
+    client = serve(tiny_model, deployment_name="rest-stop", engine="transformers",
+                   enable_restful_api=True)
+    rest_port = client.mii_config.restful_api_port
     try:
         record = registry.load("rest-stop")
         gateway_pid = record.pids["rest-gateway"]
         assert registry.pid_alive(gateway_pid, "mii_core.control.gateway_main")
-        # serve() returned, so the gateway already answers
+        # serve() returned, so the gateway already answers (on localhost: the IPv4 loopback)
+        assert listening(gateway_pid) == {("127.0.0.1", rest_port)}
         assert httpx.get(f"http://127.0.0.1:{rest_port}/health").status_code == 200
     finally:
         client.terminate_server()
     assert wait_until(lambda: not registry.pid_alive(gateway_pid, "mii_core.control.gateway_main"), 10)
-    assert is_port_free(rest_port)
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(f"http://127.0.0.1:{rest_port}/health")
+    assert not ours_listening(rest_port)
 
 
-def test_overload_auth_and_supervisor_death(tiny_model, free_port):
-    """429 when the replica's queue is full; bearer token when auth_token is set; the gateway
-    exits on its own when its supervisor is killed."""
+def test_overload_queueing_auth_and_supervisor_death(tiny_model, hooks):
+    """With the replica's engine loop held: 429 when the replica's queue is full, and the
+    gateway queueing requests beyond restful_processes; bearer token when auth_token is
+    set; the gateway exits on its own when its supervisor is killed."""
     token = "gateway-test-token"
-    rest_port = pick()
+    client = serve(tiny_model, hooks=hooks, deployment_name="rest-busy", engine="transformers",
+                   enable_restful_api=True, max_batch_size=1, max_queue_size=2,
+                   auth_token=token, restful_processes=2)
+    rest_port = client.mii_config.restful_api_port
     base = f"http://127.0.0.1:{rest_port}"
-    client = mii.serve(tiny_model, deployment_name="rest-busy", port_number=free_port,
-                       engine="transformers", enable_restful_api=True,
-                       restful_api_port=rest_port, max_batch_size=1, max_queue_size=1,
-                       auth_token=token, restful_processes=8)
     try:
         auth = {"Authorization": f"Bearer {token}"}
         assert httpx.get(f"{base}/health").status_code == 200  # health needs no token
@@ -442,31 +465,57 @@ def test_overload_auth_and_supervisor_death(tiny_model, free_port):
             assert reply.json()["error"]["type"] == "authentication_error"
             assert httpx.get(f"{base}/metrics", headers=headers).status_code == 401
         guarded = openai.OpenAI(base_url=f"{base}/v1", api_key=token, max_retries=0)
-        assert guarded.completions.create(model="rest-busy", prompt="hi",
-                                          max_tokens=2).usage.completion_tokens == 2
+        assert guarded.completions.create(model="rest-busy", prompt="hi", max_tokens=2,
+                                          temperature=0, extra_body={"ignore_eos": True}
+                                          ).usage.completion_tokens == 2
 
-        async def flood():
+        def gauges() -> tuple:
+            families = metric_families_with(base, auth)
+            return (sample(families, "mii_gateway_in_flight_requests"),
+                    sample(families, "mii_gateway_waiting_requests"),
+                    sample(families, "mii_replica_queue_depth", replica="0"))
+
+        async def until(predicate) -> None:
+            assert await asyncio.to_thread(wait_until, predicate), predicate
+
+        async def scenario():
             async with httpx.AsyncClient(base_url=base, headers=auth, timeout=120) as http:
-                return await asyncio.gather(*(http.post("/v1/completions", json={
-                    "model": "rest-busy", "prompt": "DeepSpeed is", "max_tokens": 200,
-                    "ignore_eos": True}) for _ in range(6)))
+                def post(prompts):
+                    return asyncio.ensure_future(http.post("/mii/rest-busy", json={
+                        "prompts": prompts, "max_new_tokens": 3, "do_sample": False,
+                        "ignore_eos": True}))
 
-        replies = asyncio.run(flood())
-        codes = sorted(r.status_code for r in replies)
-        assert 200 in codes and 429 in codes and set(codes) == {200, 429}, codes
-        busy = next(r for r in replies if r.status_code == 429).json()["error"]
+                first = post("first")
+                await until(lambda: queue_depth(client) == 1)
+                too_many = await http.post("/mii/rest-busy", json={"prompts": ["a", "b"]})
+                second = post("second")
+                await until(lambda: queue_depth(client) == 2)  # both of the gateway's slots
+                third = post("third")  # waits in the gateway, not rejected
+                await until(lambda: gauges() == (2, 1, 2))
+                assert not (first.done() or second.done() or third.done())
+                hooks.release()
+                return too_many, await asyncio.gather(first, second, third)
+
+        with hooks.held(client):
+            too_many, replies = asyncio.run(scenario())
+        assert too_many.status_code == 429, too_many.text
+        busy = too_many.json()["error"]
         assert busy["code"] == "server_overloaded" and "queue is full" in busy["message"]
+        assert [r.status_code for r in replies] == [200] * 3, [r.text for r in replies]
+        assert [r.json()[0]["generated_length"] for r in replies] == [3] * 3
         families = metric_families_with(base, auth)
         assert sample(families, "mii_replica_requests", "mii_replica_requests_total",
-                      replica="0", outcome="rejected") >= 1
+                      replica="0", outcome="rejected") == 1
+        assert gauges() == (0, 0, 0)
 
         record = registry.load("rest-busy")
         gateway_pid = record.pids["rest-gateway"]
         os.kill(record.supervisor_pid, signal.SIGKILL)
         assert wait_until(lambda: not registry.pid_alive(gateway_pid, "mii_core.control.gateway_main"),
                           15)
-        assert wait_until(lambda: is_port_free(rest_port), 10)
+        assert wait_until(lambda: not ours_listening(rest_port), 10)
     finally:
+        hooks.release()
         if registry.find_live("rest-busy") is not None:
             client.terminate_server()
 

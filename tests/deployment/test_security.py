@@ -1,12 +1,14 @@
-"""Security defaults: loopback binding, private registry files, an optional shared token."""
+"""Security defaults: loopback binding, private registry files, an optional shared token.
+
+The deployments here also run half precision on CPU (``dtype``) and, for ``guarded``, a
+client-facing ``host`` of its own."""
 from __future__ import annotations
 
 import stat
 
 import grpc
-import psutil
 import pytest
-from conftest import deployed
+from conftest import GREEDY, deployed, listening
 
 import mii
 from mii.errors import AuthenticationError
@@ -14,34 +16,59 @@ from mii_core.deploy import registry
 from mii_transport.grpc.generated import mii_pb2, mii_pb2_grpc
 
 TOKEN = "s3cret-token"
+HOST = "127.0.0.2"  # the client-facing host of ``guarded``: a loopback address of its own
 
 
 @pytest.fixture(scope="module")
 def guarded(tiny_model):
-    with deployed(tiny_model, "guarded", engine="transformers", auth_token=TOKEN) as client:
+    with deployed(tiny_model, "guarded", engine="transformers", auth_token=TOKEN, host=HOST,
+                  dtype="bf16") as client:
         yield client
 
 
 def test_token_holder_is_served(guarded):
-    assert guarded("DeepSpeed is", max_new_tokens=3)[0].generated_length == 3
-    assert mii.client("guarded")("DeepSpeed is", max_new_tokens=3)[0].generated_length == 3
-    remote = mii.client(f"127.0.0.1:{guarded.port}", token=TOKEN)
-    assert remote("hi", max_new_tokens=2)[0].generated_length == 2
+    expected = guarded("DeepSpeed is", max_new_tokens=3, **GREEDY)[0]
+    assert expected.generated_length == 3
+    again = mii.client("guarded")("DeepSpeed is", max_new_tokens=3, **GREEDY)[0]
+    assert again.generated_text == expected.generated_text
+    remote = mii.client(f"{HOST}:{guarded.port}", token=TOKEN)
+    assert remote("hi", max_new_tokens=2, **GREEDY)[0].generated_length == 2
 
 
 def test_wrong_or_missing_token_is_refused(guarded):
     wrong = mii.MIIClient(guarded.mii_config.model_copy(update={"auth_token": None}),
-                          port=guarded.port, token="nope")
+                          host=HOST, port=guarded.port, token="nope")
     with pytest.raises(AuthenticationError, match="token"):
         wrong("DeepSpeed is", max_new_tokens=3)
     with pytest.raises(AuthenticationError):
-        mii.client(f"127.0.0.1:{guarded.port}")
+        mii.client(f"{HOST}:{guarded.port}")
+
+
+def test_token_from_mii_auth_token(guarded, monkeypatch):
+    tokenless = guarded.mii_config.model_copy(update={"auth_token": None})
+    monkeypatch.setenv("MII_AUTH_TOKEN", TOKEN)
+    assert mii.client(f"{HOST}:{guarded.port}")("hi", max_new_tokens=2, **GREEDY)[0] \
+        .generated_length == 2
+    assert mii.MIIClient(tokenless, host=HOST)("hi", max_new_tokens=2, **GREEDY)[0] \
+        .generated_length == 2
+    with pytest.raises(AuthenticationError):  # a token given to the client wins
+        mii.MIIClient(tokenless, host=HOST, token="nope")("hi", max_new_tokens=2)
+    monkeypatch.setenv("MII_AUTH_TOKEN", "wrong")
+    with pytest.raises(AuthenticationError):
+        mii.MIIClient(tokenless, host=HOST)("hi", max_new_tokens=2)
+    assert guarded("hi", max_new_tokens=2, **GREEDY)[0].generated_length == 2  # config wins
+
+
+def test_dtype_bf16_is_what_the_replica_loads(guarded):
+    log = registry.log_path("guarded").read_text()
+    assert "transformers LlamaForCausalLM torch.bfloat16 on cpu" in log
 
 
 @pytest.mark.parametrize("target", ["load_balancer", "replica"])
 def test_every_rpc_needs_the_token_including_terminate(guarded, target):
-    port = guarded.port if target == "load_balancer" else registry.load("guarded").replicas[0].port
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    address = f"{HOST}:{guarded.port}" if target == "load_balancer" else \
+        f"127.0.0.1:{registry.load('guarded').replicas[0].port}"
+    with grpc.insecure_channel(address) as channel:
         stub = mii_pb2_grpc.MIIServiceStub(channel)
         request = mii_pb2.GenerateRequest(prompts=["hi"])
         calls = [lambda: stub.Generate(request), lambda: list(stub.GenerateStream(request)),
@@ -52,16 +79,16 @@ def test_every_rpc_needs_the_token_including_terminate(guarded, target):
                 call()
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert guarded.is_serving()  # the refused Terminate changed nothing
-    assert guarded("still here", max_new_tokens=2)[0].generated_length == 2
+    assert guarded("still here", max_new_tokens=2, **GREEDY)[0].generated_length == 2
 
 
-def test_servers_bind_loopback_only(guarded):
+def test_servers_bind_host_and_loopback_only(guarded):
+    """The load balancer listens on ``host`` alone, each replica on the IPv4 loopback alone."""
     record = registry.load("guarded")
-    ports = {record.port} | {r.port for r in record.replicas}
-    listening = {c.laddr.port: c.laddr.ip.removeprefix("::ffff:")  # v4-mapped v6 socket
-                 for c in psutil.net_connections(kind="tcp")
-                 if c.status == psutil.CONN_LISTEN and c.laddr.port in ports}
-    assert listening and set(listening.values()) == {"127.0.0.1"}
+    assert listening(record.pids["load-balancer"]) == {(HOST, record.port)}
+    for replica in record.replicas:
+        assert listening(record.pids[f"replica-{replica.index}"]) == \
+            {("127.0.0.1", replica.port)}
 
 
 def test_registry_and_logs_are_private(guarded, mii_home):
@@ -79,10 +106,12 @@ def test_tls_deployment(tiny_model, tmp_path):
                     "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     with deployed(tiny_model, "tls", engine="transformers", tls_cert_file=str(cert),
-                  tls_key_file=str(key), auth_token=TOKEN) as client:
-        assert client("DeepSpeed is", max_new_tokens=3)[0].generated_length == 3
+                  tls_key_file=str(key), auth_token=TOKEN, dtype="fp16") as client:
+        assert client("DeepSpeed is", max_new_tokens=3, **GREEDY)[0].generated_length == 3
         remote = mii.client(f"127.0.0.1:{client.port}", token=TOKEN, tls_root_cert=str(cert))
-        assert remote("hi", max_new_tokens=2)[0].generated_length == 2
+        assert remote("hi", max_new_tokens=2, **GREEDY)[0].generated_length == 2
+        assert "transformers LlamaForCausalLM torch.float16 on cpu" in \
+            registry.log_path("tls").read_text()
         plaintext = mii.MIIClient(client.mii_config.model_copy(update={"tls_cert_file": None,
                                                                        "tls_key_file": None}),
                                   port=client.port)
@@ -90,7 +119,7 @@ def test_tls_deployment(tiny_model, tmp_path):
             plaintext("hi", max_new_tokens=2)
 
 
-def test_tls_files_must_exist(tiny_model, tmp_path):
+def test_tls_files_must_exist(tiny_model, tmp_path, no_process_started):
     with pytest.raises(mii.errors.ConfigError, match="tls_cert_file"):
         mii.serve(tiny_model, tls_cert_file=str(tmp_path / "c.pem"),
                   tls_key_file=str(tmp_path / "k.pem"))

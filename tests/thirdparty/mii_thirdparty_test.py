@@ -59,5 +59,5 @@ def mii_adjust_config(mii_config):
 
 @hookimpl
 def mii_engine_loaded(model_config, loaded, rank):
-    log.info("thirdparty hook saw %s on rank %d (max_batch_size=%d)", loaded.description,
+    log.info("thirdparty hook saw %s on rank %d (max_batch_size=%s)", loaded.description,
              rank.rank, model_config.max_batch_size)
