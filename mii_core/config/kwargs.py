@@ -81,7 +81,10 @@ def parse_serve_kwargs(model_name_or_path: str = "", model_config: Optional[Mapp
         elif key in mii_keys:
             _merge(mii, key, value, "mii_config")
         else:
-            raise unknown_argument(key, model_keys | mii_keys, "ModelConfig or MIIConfig field")
+            # model_config / mii_config are serve()'s own parameters: a typo of them gets
+            # them suggested too
+            raise unknown_argument(key, model_keys | mii_keys | {"model_config", "mii_config"},
+                                   "ModelConfig or MIIConfig field")
     if not model.get("model_name_or_path"):
         raise ConfigError("model_name_or_path: a model name or path must be given")
     try:

@@ -24,7 +24,7 @@ class RowParams:
     sampled: Optional[torch.Tensor]  # indices of rows that sample; None: all greedy
     temperature: Optional[torch.Tensor]  # [sampled rows, 1]
     top_k: Optional[torch.Tensor]  # [sampled rows, 1]; vocab size where unset
-    top_p: Optional[torch.Tensor]  # [sampled rows, 1]; 1.0 where unset
+    top_p: Optional[torch.Tensor]  # [sampled rows, 1]; inf where 1.0 (keep every token)
     needs_sort: bool = False
 
 
@@ -84,7 +84,9 @@ def sample(logits: torch.Tensor, rows: RowParams, banned: Sequence[Optional[int]
     ban = [(row, token) for row, token in enumerate(banned) if token is not None]
     if rows.sampled is None and not ban:  # all greedy: the argmax needs no float copy
         return argmax_rows(logits)
-    logits = logits.float()
+    # A copy even when the logits are float32 already: the bans below write into it, and
+    # the caller's logits stay as the model gave them.
+    logits = logits.to(torch.float32, copy=True)
     if ban:
         index = to_device(ban, logits.device)
         logits[index[:, 0], index[:, 1]] = float("-inf")

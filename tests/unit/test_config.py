@@ -131,3 +131,11 @@ def test_prompt_checks(prompts, match):
 def test_config_round_trips_through_json():
     config = parse_serve_kwargs("m", tensor_parallel=2, device_map={"localhost": [[0, 1]]})
     assert MIIConfig.model_validate_json(config.to_json()) == config
+
+
+def test_a_typo_of_a_config_dict_parameter_suggests_it():
+    import mii
+    from mii.errors import UnknownArgument
+
+    with pytest.raises(UnknownArgument, match="did you mean 'model_config'"):
+        mii.serve("/nonexistent/model", model_confg={})

@@ -87,6 +87,22 @@ def test_same_value_twice_is_accepted_and_keys_land_where_they_belong():
     assert (config.port_number, config.max_restarts, config.host) == (1234, 5, "0.0.0.0")
 
 
+def test_equal_values_twice_are_accepted_even_as_distinct_objects():
+    config = parse_serve_kwargs("m", model_config={"inference_engine_config": {"a": [1]}},
+                                inference_engine_config={"a": [1]},
+                                mii_config={"auth_token": "".join(["to", "ken"])},
+                                auth_token="token")
+    assert config.model_conf.inference_engine_config == {"a": [1]}
+    assert config.auth_token == "token"
+
+
+def test_a_misspelt_keyword_is_matched_against_both_configs():
+    with pytest.raises(UnknownArgument, match="did you mean 'port_number'"):
+        parse_serve_kwargs("m", port_numbr=1)  # a MIIConfig field
+    with pytest.raises(UnknownArgument, match="did you mean 'tensor_parallel'"):
+        parse_serve_kwargs("m", tensor_paralel=1)  # a ModelConfig field
+
+
 def test_key_twice_with_different_values_names_both_places():
     with pytest.raises(ConfigError) as caught:
         parse_serve_kwargs("m", mii_config={"port_number": 1}, port_number=2)

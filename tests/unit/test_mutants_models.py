@@ -178,6 +178,7 @@ def test_device_map_shorthands_and_refusals():
     assert device_map([2, 3]) == {"localhost": [[2, 3]]}
     assert device_map([[0, 1], [2]]) == {"localhost": [[0, 1], [2]]}
     assert device_map({"h": [[0]]}) == {"h": [[0]]}
+    assert device_map({}) == {}  # a mapping is taken as it is
     assert device_map("auto") == "auto"
     for bad in (True, False, [], [0, [1]], [[0], 1], "gpu0"):
         with pytest.raises(ValidationError, match="device_map"):

@@ -134,13 +134,37 @@ def env(monkeypatch, request):
     e = Env()
     e.transport, e.hooks, e.loaded, e.started = transport, hooks, loaded, started
     yield e
-    for proc in started:
-        for pid in sup._group_members(proc.pid) + sup._descendants(proc.pid) + [proc.pid]:
+    for proc in started:  # not with the module's own helpers: they are what is tested
+        for pid in _tree(proc.pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         proc.wait(timeout=5)
+
+
+def _tree(pid: int) -> list:
+    """``pid``'s descendants, from /proc/PID/task/TID/children."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as handle:
+                    kids = [int(k) for k in handle.read().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
 
 
 def child(role: str, proc=None) -> sup.Child:
@@ -203,13 +227,14 @@ def test_save_records_the_changes_and_the_children_pids(env, monkeypatch):
 
 
 @pytest.mark.parametrize("code, text", [(0, "0"), (3, "3"), (-9, "-9 (killed by SIGKILL)"),
-                                        (-15, "-15 (killed by SIGTERM)")])
+                                        (-15, "-15 (killed by SIGTERM)"),
+                                        (-1, "-1 (killed by SIGHUP)")])
 def test_exit_status_descriptions(code, text):
     assert sup._describe_status(code) == text
 
 
 # -- the watch loop (virtual clock, stand-in children) ----------------------------------------
-def test_ready_when_the_load_balancer_answers(env, monkeypatch):
+def test_ready_when_the_load_balancer_answers(env, monkeypatch, caplog):
     clock = Clock()
     monkeypatch.setattr(sup, "time", clock)
     s = env.supervisor("sup-ready", port_number=4321, host="127.0.0.1")
@@ -217,7 +242,10 @@ def test_ready_when_the_load_balancer_answers(env, monkeypatch):
     env.transport.answers = [False, False, True]
     env.hooks.on_started = lambda: s.request_stop("terminated")
     started = clock.now
-    assert s.watch() == 0
+    s.record.created_at = started - 3.0
+    with caplog.at_level(logging.INFO, logger=sup.__name__):
+        assert s.watch() == 0
+    assert "deployment sup-ready ready on 127.0.0.1:4321 after 3.2s" in caplog.text
     assert env.transport.calls == [("127.0.0.1:4321", 0.2, None)] * 3
     saved = registry.load("sup-ready")
     assert saved.state == "ready" and saved.ready_at == pytest.approx(started + 0.2)
@@ -299,20 +327,24 @@ def test_a_crashed_child_is_restarted_after_the_backoff(env, monkeypatch, caplog
                                                  "replica-0": healthy.pid}
     assert "load-balancer exited with status 1; restart 1 of 3 in 0.5s" in caplog.text
     assert registry.load("sup-restart").state == "ready"
+    assert env.transport.calls == [] and env.hooks.calls == []  # ready: no more probes
 
 
 @pytest.mark.parametrize("restarts, delay", [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (6, 8.0)])
-def test_the_backoff_doubles_up_to_eight_seconds(env, monkeypatch, restarts, delay):
+def test_the_backoff_doubles_up_to_eight_seconds(env, monkeypatch, caplog, restarts, delay):
     s, clock = ready_supervisor(env, monkeypatch, "sup-backoff", max_restarts=10)
     c = child("replica-0", FakeProc(code=1))
     c.restarts = restarts
     with_fake_children(s, monkeypatch, **{"replica-0": c})
     clock.on_sleep.append(lambda: s.spawned and s.request_stop("terminated"))
     started = clock.now
-    assert s.watch() == 0
+    with caplog.at_level(logging.WARNING, logger=sup.__name__):
+        assert s.watch() == 0
     (role, _, at), = s.spawned
     assert delay <= at - started <= delay + 1.5 * sup.POLL_S
     assert c.restarts == restarts + 1
+    assert (f"replica-0 exited with status 1; restart {restarts + 1} of 10 in {delay:.1f}s"
+            in caplog.text)
 
 
 def test_a_child_waiting_for_its_restart_is_not_rescheduled(env, monkeypatch):
@@ -478,6 +510,7 @@ def test_stop_terminates_every_group_and_reports(env, monkeypatch, caplog):
     assert registry.load("sup-stop").state == "stopping"
     assert env.hooks.calls == [("stopped", "sup-stop", "terminated")]
     assert "ignored SIGTERM" not in caplog.text
+    assert "still alive after teardown" not in caplog.text
     assert "deployment sup-stop stopped (terminated)" in caplog.text
 
 
@@ -534,6 +567,10 @@ def test_survivors_of_the_grace_period_are_killed_descendants_included(env, monk
         f"pid {pid} ignored SIGTERM; killing it" for pid in [lb.pid] + tree)
     assert all(at - begun == pytest.approx(8.0, abs=0.06) for _, at in warned)  # 8 s grace
     assert lb.returncode == -signal.SIGKILL
+    # SIGKILLed just now: gone within moments (stop() itself does not wait for them)
+    deadline = time.time() + 10
+    while (registry.pid_alive(tree[0]) or s._survivors()) and time.time() < deadline:
+        time.sleep(0.01)
     assert not registry.pid_alive(tree[0]) and not s._survivors()
 
 
@@ -582,6 +619,53 @@ time.sleep(60)
         out += capfd.readouterr().out
         time.sleep(0.05)
     assert sorted(sup._descendants(leader)) == sorted(int(p) for p in out.split())
+
+
+def test_descendants_skip_processes_and_tasks_that_vanish(env, monkeypatch, capfd):
+    code = """
+import subprocess, sys, time
+inner = "import subprocess, sys, time; k = subprocess.Popen([sys.executable, '-c', " \\
+        "'import time; time.sleep(60)']); print('grandchild', k.pid, flush=True); time.sleep(60)"
+first = subprocess.Popen([sys.executable, "-c", inner])
+time.sleep(0.3)
+second = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+print("kids", first.pid, second.pid, flush=True)
+time.sleep(60)
+"""
+    s = env.supervisor()
+    use_specs(monkeypatch, s, replica_code=code)
+    s.start()
+    leader = s.children["replica-0"].proc.pid
+    deadline, out = time.time() + 20, ""
+    while ("kids" not in out or "grandchild" not in out) and time.time() < deadline:
+        out += capfd.readouterr().out
+        time.sleep(0.05)
+    words = out.split()
+    grandchild = int(words[words.index("grandchild") + 1])
+    first, second = (int(w) for w in words[words.index("kids") + 1:][:2])
+    real = os.listdir
+
+    def listdir(path):
+        if path == f"/proc/{second}/task":
+            raise FileNotFoundError(path)  # exited between being listed and being read
+        if path == f"/proc/{leader}/task":
+            return ["999999999"] + real(path)  # a thread that ended meanwhile
+        return real(path)
+
+    monkeypatch.setattr(sup.os, "listdir", listdir)
+    assert sorted(sup._descendants(leader)) == sorted([first, second, grandchild])
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
+def test_running_the_module_runs_main(monkeypatch, tmp_path):
+    import runpy
+
+    from mii_core.deploy import logs
+
+    monkeypatch.setattr(logs, "configure", lambda role: None)
+    monkeypatch.setattr(sys, "argv", ["supervisor", str(tmp_path / "missing.json")])
+    with pytest.raises(SystemExit, match="cannot read deployment record"):
+        runpy.run_module("mii_core.control.supervisor", run_name="__main__")
 
 
 def test_group_members_skips_processes_that_vanish(monkeypatch):
