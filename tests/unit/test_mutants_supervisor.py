@@ -148,23 +148,14 @@ def env(monkeypatch, request):
 
 
 def _tree(pid: int) -> list:
-    """``pid``'s descendants, from /proc/PID/task/TID/children."""
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{parent}/task")
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                with open(f"/proc/{parent}/task/{task}/children") as handle:
-                    kids = [int(k) for k in handle.read().split()]
-            except OSError:
-                continue
-            found += kids
-            todo += kids
-    return found
+    """``pid``'s descendants, as psutil sees them (an oracle independent of the
+    supervisor's own /proc walk)."""
+    import psutil
+
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def child(role: str, proc=None) -> sup.Child:
