@@ -63,6 +63,10 @@ class GenerateParamsConfig(_Strict):
     """Sample among the k most likely tokens."""
     temperature: Optional[float] = Field(None, gt=0)
     """Softmax temperature."""
+    seed: Optional[int] = Field(None, ge=0, lt=2 ** 63)
+    """Seed of this request's sampling (a mii extension): the same seed draws the same
+    random numbers at the same token index, so a request served alone reproduces its
+    tokens on the same hardware. None: unseeded."""
     stop: List[str] = []
     """Strings that end generation; the text is cut before the first one found."""
 

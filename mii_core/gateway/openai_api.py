@@ -3,7 +3,7 @@ generate parameters and Responses. Pure functions: no I/O, no model.
 
 Parameter mapping (OpenAI -> mii): ``max_tokens`` / ``max_completion_tokens`` ->
 ``max_new_tokens``; ``temperature`` 0 -> ``do_sample=False`` (greedy), otherwise
-``temperature``; ``top_p`` (default 1.0, as OpenAI); ``stop``; extensions
+``temperature``; ``top_p`` (default 1.0, as OpenAI); ``stop``; ``seed``; extensions
 ``top_k``, ``min_tokens`` -> ``min_new_tokens``, ``ignore_eos``. ``max_length`` is
 set to the model's context length so that only ``max_tokens`` limits generation.
 Fields OpenAI defines that have no mii equivalent are accepted only with their no-op
@@ -59,7 +59,6 @@ _NOOP: Dict[str, Callable[[Any], bool]] = {
     "logit_bias": lambda v: v is None or v == {},
     "logprobs": _is_noop_logprobs,
     "top_logprobs": lambda v: v is None or v == 0,
-    "seed": lambda v: v is None,
     "suffix": lambda v: v is None or v == "",
     "tools": lambda v: v is None or v == [],
     "tool_choice": lambda v: v is None or v == "none",
@@ -73,14 +72,14 @@ _NOOP: Dict[str, Callable[[Any], bool]] = {
     "service_tier": lambda v: v is None or v in ("auto", "default"),
 }
 _WHY = {"n": "only n=1 is supported", "best_of": "only best_of=1 is supported",
-        "seed": "seeded sampling is not supported", "logprobs": "logprobs are not supported",
+        "logprobs": "logprobs are not supported",
         "top_logprobs": "logprobs are not supported", "suffix": "suffix is not supported",
         "tools": "tool calling is not supported", "tool_choice": "tool calling is not supported",
         "functions": "function calling is not supported",
         "function_call": "function calling is not supported",
         "response_format": "only response_format {'type': 'text'} is supported"}
 _COMMON = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "stop",
-           "top_k", "min_tokens", "ignore_eos"} | set(_NOOP)
+           "top_k", "min_tokens", "ignore_eos", "seed"} | set(_NOOP)
 COMPLETION_FIELDS = _COMMON | {"prompt", "echo"}
 CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens"}
 
@@ -156,6 +155,9 @@ def generate_kwargs(body: Dict[str, Any], chat: bool, max_length: Optional[int])
     top_k = _integer(body, "top_k", 0)
     if top_k:  # 0 (and -1 in some clients' conventions is refused above) means no top-k
         kwargs["top_k"] = top_k
+    seed = _integer(body, "seed", 0)
+    if seed is not None:
+        kwargs["seed"] = seed
     min_tokens = _integer(body, "min_tokens", 0)
     if min_tokens:
         kwargs["min_new_tokens"] = min_tokens

@@ -68,8 +68,9 @@ class Executor:
         rows = schedule.rows
         ids = [id(seq) for seq in rows]
         if ids != self._params_rows:
+            # launched already counts this step's token: its index is launched - 1.
             self._params = row_params([seq.params for seq in rows], logits.shape[-1],
-                                      logits.device)
+                                      logits.device, [seq.launched - 1 for seq in rows])
             self._params_rows = ids
         # launched already counts this step's token: EOS is banned while fewer than
         # min_new_tokens precede it.

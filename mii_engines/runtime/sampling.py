@@ -5,10 +5,13 @@ mix of rows: greedy rows take an argmax; sampling rows are scaled by their
 temperature, cut to their top-k and top-p in one sort, and drawn with the
 exponential-race trick (argmax of p / Exp(1) noise), which is an exact categorical
 draw and needs no host synchronisation, unlike ``torch.multinomial``.
+
+A request's ``seed`` fixes its rows' noise per token index (a generator seeded from
+(seed, index)), so a seeded request reproduces its tokens on the same kind of device.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import torch
@@ -26,14 +29,18 @@ class RowParams:
     top_k: Optional[torch.Tensor]  # [sampled rows, 1]; vocab size where unset
     top_p: Optional[torch.Tensor]  # [sampled rows, 1]; inf where 1.0 (keep every token)
     needs_sort: bool = False
+    seeds: List[Optional[int]] = field(default_factory=list)  # per sampled row
+    offsets: List[int] = field(default_factory=list)  # token index of each one's next draw
 
 
-def row_params(params: Sequence[GenerateParamsConfig], vocab: int,
-               device: torch.device) -> RowParams:
-    """Tensors for ``params`` (one entry per running row)."""
+def row_params(params: Sequence[GenerateParamsConfig], vocab: int, device: torch.device,
+               offsets: Optional[Sequence[int]] = None) -> RowParams:
+    """Tensors for ``params`` (one entry per running row). ``offsets``: each row's index
+    of the token drawn next (its seeded noise; default 0)."""
     sampled = [i for i, p in enumerate(params) if p.do_sample]
     if not sampled:
         return RowParams(None, None, None, None)
+    offsets = list(offsets) if offsets is not None else [0] * len(params)
     chosen = [params[i] for i in sampled]
     top_k = [min(p.top_k or vocab, vocab) for p in chosen]
     top_p = [p.top_p for p in chosen]
@@ -46,7 +53,8 @@ def row_params(params: Sequence[GenerateParamsConfig], vocab: int,
     return RowParams(to_device(sampled, device),
                      column([p.temperature or 1.0 for p in chosen], torch.float32),
                      column(top_k, torch.long), column(cut, torch.float32),
-                     needs_sort=any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p))
+                     needs_sort=any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p),
+                     seeds=[p.seed for p in chosen], offsets=[offsets[i] for i in sampled])
 
 
 ARGMAX_CHUNK = 4096
@@ -104,7 +112,20 @@ def sample(logits: torch.Tensor, rows: RowParams, banned: Sequence[Optional[int]
     probs = torch.softmax(scores, dim=-1)
     # clamp: a zero draw would turn a zero-probability token into 0/0
     noise = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=1e-20)
+    _seeded_noise(noise, rows)
     picked = (probs / noise).argmax(dim=-1)
     if rows.needs_sort:
         picked = order.gather(1, picked[:, None])[:, 0]
     return chosen.index_copy(0, rows.sampled, picked)
+
+
+def _seeded_noise(noise: torch.Tensor, rows: RowParams) -> None:
+    """Overwrite the noise of seeded rows with draws fixed by (seed, token index); every
+    row's token index moves on by one."""
+    for row, seed in enumerate(rows.seeds):
+        if seed is not None:
+            mixed = (seed * 0x9E3779B97F4A7C15 + rows.offsets[row]) % 2 ** 63
+            generator = torch.Generator(noise.device).manual_seed(mixed)
+            noise[row].exponential_(generator=generator).clamp_(min=1e-20)
+    rows.offsets = [offset + 1 for offset in rows.offsets]
+

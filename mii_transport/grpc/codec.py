@@ -9,7 +9,7 @@ from mii_core.config.models import GenerateParamsConfig
 from mii_transport.grpc.generated import mii_pb2
 
 _SCALARS = ("max_length", "max_new_tokens", "min_new_tokens", "ignore_eos", "return_full_text",
-            "do_sample", "top_p", "top_k", "temperature", "stream")
+            "do_sample", "top_p", "top_k", "temperature", "stream", "seed")
 
 
 def params_to_proto(params: GenerateParamsConfig) -> mii_pb2.GenerateParams:

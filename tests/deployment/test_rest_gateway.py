@@ -143,6 +143,28 @@ def test_openai_completions_match_the_client(gw, oai):
     assert stopped.usage.completion_tokens < direct.generated_length
 
 
+def test_a_seed_reproduces_sampled_text_on_both_routes(gw, oai):
+    """seed (OpenAI's field; on MII's route a generate parameter) fixes a sampled
+    request's draws: the same seed gives the same text, through gRPC too."""
+    client, base, name = gw
+    sampled = dict(do_sample=True, temperature=2.0, top_p=1.0, max_new_tokens=16,
+                   ignore_eos=True)
+    direct = client("DeepSpeed is", seed=11, **sampled)[0].generated_text
+    for _ in range(2):
+        reply = httpx.post(f"{base}/mii/{name}",
+                           json={"prompts": "DeepSpeed is", "seed": 11, **sampled}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()[0]["generated_text"] == direct
+    texts = {oai.completions.create(model=name, prompt="DeepSpeed is", max_tokens=16,
+                                    temperature=2.0, seed=seed,
+                                    extra_body={"ignore_eos": True}).choices[0].text
+             for seed in (11, 11, 12)}
+    assert direct in texts and len(texts) == 2
+    bad = httpx.post(f"{base}/v1/completions", json={"model": name, "prompt": "hi",
+                                                     "seed": -1}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "seed"
+
+
 def test_openai_completions_stream(gw, oai):
     client, base, name = gw
     whole = oai.completions.create(model=name, prompt="DeepSpeed is", max_tokens=12,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&mii_transport/grpc/generated/mii.proto\x12\x03mii\"\xae\x03\n\x0eGenerateParams\x12\x17\n\nmax_length\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x17\n\nignore_eos\x18\x04 \x01(\x08H\x03\x88\x01\x01\x12\x1d\n\x10return_full_text\x18\x05 \x01(\x08H\x04\x88\x01\x01\x12\x16\n\tdo_sample\x18\x06 \x01(\x08H\x05\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x03H\x07\x88\x01\x01\x12\x18\n\x0btemperature\x18\t \x01(\x01H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x13\n\x06stream\x18\x0b \x01(\x08H\t\x88\x01\x01\x42\r\n\x0b_max_lengthB\x11\n\x0f_max_new_tokensB\x11\n\x0f_min_new_tokensB\r\n\x0b_ignore_eosB\x13\n\x11_return_full_textB\x0c\n\n_do_sampleB\x08\n\x06_top_pB\x08\n\x06_top_kB\x0e\n\x0c_temperatureB\t\n\x07_stream\"G\n\x0fGenerateRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12#\n\x06params\x18\x02 \x01(\x0b\x32\x13.mii.GenerateParams\"\xa6\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x18\n\x10generated_tokens\x18\x05 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x06 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x07 \x01(\x01\"F\n\rGenerateReply\x12$\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x0f.mii.Completion\x12\x0f\n\x07replica\x18\x02 \x01(\x05\"\r\n\x0bInfoRequest\"\x19\n\tInfoReply\x12\x0c\n\x04json\x18\x01 \x01(\t\"\x12\n\x10TerminateRequest\"\"\n\x0eTerminateReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x32\xe3\x01\n\nMIIService\x12\x34\n\x08Generate\x12\x14.mii.GenerateRequest\x1a\x12.mii.GenerateReply\x12<\n\x0eGenerateStream\x12\x14.mii.GenerateRequest\x1a\x12.mii.GenerateReply0\x01\x12(\n\x04Info\x12\x10.mii.InfoRequest\x1a\x0e.mii.InfoReply\x12\x37\n\tTerminate\x12\x15.mii.TerminateRequest\x1a\x13.mii.TerminateReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&mii_transport/grpc/generated/mii.proto\x12\x03mii\"\xca\x03\n\x0eGenerateParams\x12\x17\n\nmax_length\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x17\n\nignore_eos\x18\x04 \x01(\x08H\x03\x88\x01\x01\x12\x1d\n\x10return_full_text\x18\x05 \x01(\x08H\x04\x88\x01\x01\x12\x16\n\tdo_sample\x18\x06 \x01(\x08H\x05\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x03H\x07\x88\x01\x01\x12\x18\n\x0btemperature\x18\t \x01(\x01H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x13\n\x06stream\x18\x0b \x01(\x08H\t\x88\x01\x01\x12\x11\n\x04seed\x18\x0c \x01(\x03H\n\x88\x01\x01\x42\r\n\x0b_max_lengthB\x11\n\x0f_max_new_tokensB\x11\n\x0f_min_new_tokensB\r\n\x0b_ignore_eosB\x13\n\x11_return_full_textB\x0c\n\n_do_sampleB\x08\n\x06_top_pB\x08\n\x06_top_kB\x0e\n\x0c_temperatureB\t\n\x07_streamB\x07\n\x05_seed\"G\n\x0fGenerateRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12#\n\x06params\x18\x02 \x01(\x0b\x32\x13.mii.GenerateParams\"\xa6\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x18\n\x10generated_tokens\x18\x05 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x06 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x07 \x01(\x01\"F\n\rGenerateReply\x12$\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32\x0f.mii.Completion\x12\x0f\n\x07replica\x18\x02 \x01(\x05\"\r\n\x0bInfoRequest\"\x19\n\tInfoReply\x12\x0c\n\x04json\x18\x01 \x01(\t\"\x12\n\x10TerminateRequest\"\"\n\x0eTerminateReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x32\xe3\x01\n\nMIIService\x12\x34\n\x08Generate\x12\x14.mii.GenerateRequest\x1a\x12.mii.GenerateReply\x12<\n\x0eGenerateStream\x12\x14.mii.GenerateRequest\x1a\x12.mii.GenerateReply0\x01\x12(\n\x04Info\x12\x10.mii.InfoRequest\x1a\x0e.mii.InfoReply\x12\x37\n\tTerminate\x12\x15.mii.TerminateRequest\x1a\x13.mii.TerminateReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,21 +32,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mii_transport.grpc.generate
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEPARAMS']._serialized_start=48
-  _globals['_GENERATEPARAMS']._serialized_end=478
-  _globals['_GENERATEREQUEST']._serialized_start=480
-  _globals['_GENERATEREQUEST']._serialized_end=551
-  _globals['_COMPLETION']._serialized_start=554
-  _globals['_COMPLETION']._serialized_end=720
-  _globals['_GENERATEREPLY']._serialized_start=722
-  _globals['_GENERATEREPLY']._serialized_end=792
-  _globals['_INFOREQUEST']._serialized_start=794
-  _globals['_INFOREQUEST']._serialized_end=807
-  _globals['_INFOREPLY']._serialized_start=809
-  _globals['_INFOREPLY']._serialized_end=834
-  _globals['_TERMINATEREQUEST']._serialized_start=836
-  _globals['_TERMINATEREQUEST']._serialized_end=854
-  _globals['_TERMINATEREPLY']._serialized_start=856
-  _globals['_TERMINATEREPLY']._serialized_end=890
-  _globals['_MIISERVICE']._serialized_start=893
-  _globals['_MIISERVICE']._serialized_end=1120
+  _globals['_GENERATEPARAMS']._serialized_end=506
+  _globals['_GENERATEREQUEST']._serialized_start=508
+  _globals['_GENERATEREQUEST']._serialized_end=579
+  _globals['_COMPLETION']._serialized_start=582
+  _globals['_COMPLETION']._serialized_end=748
+  _globals['_GENERATEREPLY']._serialized_start=750
+  _globals['_GENERATEREPLY']._serialized_end=820
+  _globals['_INFOREQUEST']._serialized_start=822
+  _globals['_INFOREQUEST']._serialized_end=835
+  _globals['_INFOREPLY']._serialized_start=837
+  _globals['_INFOREPLY']._serialized_end=862
+  _globals['_TERMINATEREQUEST']._serialized_start=864
+  _globals['_TERMINATEREQUEST']._serialized_end=882
+  _globals['_TERMINATEREPLY']._serialized_start=884
+  _globals['_TERMINATEREPLY']._serialized_end=918
+  _globals['_MIISERVICE']._serialized_start=921
+  _globals['_MIISERVICE']._serialized_end=1148
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateParams(_message.Message):
-    __slots__ = ("max_length", "max_new_tokens", "min_new_tokens", "ignore_eos", "return_full_text", "do_sample", "top_p", "top_k", "temperature", "stop", "stream")
+    __slots__ = ("max_length", "max_new_tokens", "min_new_tokens", "ignore_eos", "return_full_text", "do_sample", "top_p", "top_k", "temperature", "stop", "stream", "seed")
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class GenerateParams(_message.Message):
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     max_length: int
     max_new_tokens: int
     min_new_tokens: int
@@ -30,7 +31,8 @@ class GenerateParams(_message.Message):
     temperature: float
     stop: _containers.RepeatedScalarFieldContainer[str]
     stream: bool
-    def __init__(self, max_length: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., return_full_text: _Optional[bool] = ..., do_sample: _Optional[bool] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., stream: _Optional[bool] = ...) -> None: ...
+    seed: int
+    def __init__(self, max_length: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., return_full_text: _Optional[bool] = ..., do_sample: _Optional[bool] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., stream: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompts", "params")
