@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from mii_engines.runtime.kernels.paged_attention import (  # noqa: E402
-    paged_attention, reference_paged_attention)
+    paged_attention, reference_paged_attention, write_and_attend)
 
 OUT = os.environ.get("OUT", "/tmp")
 
@@ -79,6 +79,46 @@ def check() -> bool:
     return ok
 
 
+def check_write() -> bool:
+    """Decode steps through ``write_and_attend``: the decode kernel stores the new keys
+    and values itself (the pool holds NaN at their slots before); against writing first
+    and the reference, three times over."""
+    ok = True
+    for seed in range(12):
+        heads, kv_heads, dim = [(32, 8, 64), (32, 8, 128), (12, 12, 64)][seed % 3]
+        window = [0, 37][seed % 2]
+        q, kc, vc, tables, lens, starts = inputs(seed, True, heads, kv_heads, dim,
+                                                 torch.bfloat16)
+        seqs, block = len(lens), kc.shape[1]
+        positions = lens.long() - 1
+        slots = torch.zeros(q.shape[0], dtype=torch.long, device="cuda")
+        slots[:seqs] = tables.long()[torch.arange(seqs, device="cuda"), positions // block] \
+            * block + positions % block
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        new_k = torch.randn(q.shape[0], kv_heads, dim, generator=gen, device="cuda").bfloat16()
+        new_v = torch.randn(q.shape[0], kv_heads, dim, generator=gen, device="cuda").bfloat16()
+        want_k, want_v = kc.clone(), vc.clone()
+        for cache, new in ((want_k, new_k), (want_v, new_v)):
+            cache.view(-1, kv_heads, dim)[slots[:seqs]] = new[:seqs]
+        ref = torch.empty(q.shape, dtype=torch.float32, device="cuda")
+        reference_paged_attention(q.float(), want_k.float(), want_v.float(), tables, lens,
+                                  starts, ref, dim ** -0.5, window, 0.0)
+        worst = 0.0
+        for _ in range(3):
+            for cache in (kc, vc):
+                cache.view(-1, kv_heads, dim)[slots[:seqs]] = float("nan")
+            out = write_and_attend(q, new_k, new_v, slots, kc, vc, tables, lens, starts,
+                                   dim ** -0.5, window, 0.0, decode_only=True)
+            torch.cuda.synchronize()
+            error = float((out.float() - ref).norm() / ref.norm().clamp(min=1e-6))
+            worst = max(worst, error if error == error else float("inf"))
+        good = worst < 2e-2 and torch.equal(kc, want_k) and torch.equal(vc, want_v)
+        ok &= good
+        log(kind="check_write", seed=seed, heads=heads, kv_heads=kv_heads, dim=dim,
+            window=window, error=worst, ok=good)
+    return ok
+
+
 def time_decode(seqs, context, heads, kv_heads, dim, block=16):
     max_blocks = -(-context // block)
     args = list(inputs(0, True, heads, kv_heads, dim, torch.bfloat16, block, max_blocks, seqs))
@@ -92,6 +132,12 @@ def time_decode(seqs, context, heads, kv_heads, dim, block=16):
     with torch.cuda.graph(graph):
         for _ in range(50):
             call()
+    ref = torch.empty(args[0].shape, dtype=torch.float32, device="cuda")
+    reference_paged_attention(*[a.float() if a.is_floating_point() else a for a in args], ref,
+                              dim ** -0.5, 0, 0.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    error = float((out.float() - ref).norm() / ref.norm())  # the 50th launch of a replay
     times = []
     for _ in range(5):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -103,13 +149,15 @@ def time_decode(seqs, context, heads, kv_heads, dim, block=16):
     seconds = statistics.median(times)
     kv_bytes = 2 * seqs * context * kv_heads * dim * 2
     log(kind="time_decode", seqs=seqs, context=context, heads=heads, kv_heads=kv_heads, dim=dim,
-        us=round(seconds * 1e6, 2), kv_gb_s=round(kv_bytes / seconds / 1e9, 1))
+        us=round(seconds * 1e6, 2), kv_gb_s=round(kv_bytes / seconds / 1e9, 1), error=error,
+        ok=error < 2e-2)
+    return error < 2e-2
 
 
 if __name__ == "__main__":
-    good = check()
+    good = check() & check_write()
     for seqs, context in ((1, 256), (64, 256), (256, 640), (64, 4096)):
-        time_decode(seqs, context, 32, 8, 64)
-        time_decode(seqs, context, 32, 8, 128)
+        good &= time_decode(seqs, context, 32, 8, 64)
+        good &= time_decode(seqs, context, 32, 8, 128)
     log(kind="summary", all_ok=good)
     sys.exit(0 if good else 1)

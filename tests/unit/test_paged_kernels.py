@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from mii_engines.runtime.kernels.paged_attention import reference_paged_attention  # noqa: E402
 from mii_engines.runtime.kernels.triton_paged import (  # noqa: E402
-    decode_splits, run_paged_attention)
+    NewKeys, decode_splits, run_paged_attention)
 
 
 def _case(seed, decode_only, heads, kv_heads, dim, block):
@@ -52,6 +52,38 @@ def test_kernels_match_the_reference(decode_only, splits, window, softcap, heads
         run_paged_attention(*args, got, dim ** -0.5, window, softcap, decode_only, splits)
         assert not torch.isnan(got).any()
         assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("window", [0, 5])
+def test_decode_kernel_writes_the_new_keys_then_attends(splits, window):
+    """Given the step's keys/values, the decode kernel stores them at their slots (the
+    pool there holds NaN before) and attends as if they had been written first."""
+    heads, kv_heads, dim, block = 4, 2, 16, 4
+    for seed in range(4):
+        query, keys, values, tables, lens, starts = _case(seed, True, heads, kv_heads, dim,
+                                                          block)
+        tokens = query.shape[0]
+        gen = torch.Generator().manual_seed(seed)
+        new_keys = torch.randn(tokens, kv_heads, dim, generator=gen)
+        new_values = torch.randn(tokens, kv_heads, dim, generator=gen)
+        slots = torch.zeros(tokens, dtype=torch.long)  # padding tokens: slot 0, unwritten
+        for seq, length in enumerate(lens.tolist()):
+            position = length - 1
+            slots[seq] = tables[seq, position // block] * block + position % block
+        expected_keys, expected_values = keys.clone(), values.clone()
+        for cache, new in ((expected_keys, new_keys), (expected_values, new_values)):
+            cache.view(-1, kv_heads, dim)[slots[:len(lens)]] = new[:len(lens)]
+        for cache in (keys, values):
+            cache.view(-1, kv_heads, dim)[slots[:len(lens)]] = float("nan")
+        expected = torch.full_like(query, float("nan"))
+        got = torch.full_like(query, float("nan"))
+        reference_paged_attention(query, expected_keys, expected_values, tables, lens,
+                                  starts, expected, dim ** -0.5, window, 0.0)
+        run_paged_attention(query, keys, values, tables, lens, starts, got, dim ** -0.5,
+                            window, 0.0, True, splits, new=NewKeys(new_keys, new_values, slots))
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+        assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
 
 
 def test_decode_splits_fill_the_gpu_only_when_the_batch_does_not():

@@ -252,6 +252,32 @@ def _write_and_attend_op(query: Tensor, new_keys: Tensor, new_values: Tensor,
                                   query_start, out, scale, window, softcap, decode_only)
 
 
+@_write_and_attend_op.register_kernel("cuda")
+def _write_and_attend_cuda(query: Tensor, new_keys: Tensor, new_values: Tensor,
+                           slot_mapping: Tensor, key_cache: Tensor, value_cache: Tensor,
+                           block_tables: Tensor, seq_lens: Tensor, query_start: Tensor,
+                           out: Tensor, scale: float, window: int, softcap: float,
+                           decode_only: bool) -> None:
+    """A decode step writes its keys/values inside the decode kernel (one launch instead
+    of three); prefill chunks write first, then attend."""
+    if not (decode_only and triton_available()):
+        _write(new_keys, new_values, slot_mapping, key_cache, value_cache)
+        _paged_attention_cuda(query, key_cache, value_cache, block_tables, seq_lens,
+                              query_start, out, scale, window, softcap, decode_only)
+        return
+    from mii_engines.runtime.kernels.triton_paged import NewKeys, run_paged_attention
+
+    run_paged_attention(query, key_cache, value_cache, block_tables, seq_lens, query_start,
+                        out, scale, window, softcap, True,
+                        new=NewKeys(_unit_last(new_keys), _unit_last(new_values),
+                                    slot_mapping))
+
+
+def _unit_last(tensor: Tensor) -> Tensor:
+    """The kernel steps through head_dim with unit stride."""
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
 @_write_and_attend_op.register_fake
 def _write_and_attend_fake(query: Tensor, new_keys: Tensor, new_values: Tensor,
                            slot_mapping: Tensor, key_cache: Tensor, value_cache: Tensor,

@@ -7,7 +7,11 @@ the block table, online softmax in fp32, base-2 exponentials):
   program (s, kvh, k) takes every query head of kv head ``kvh`` at once (the group is the M
   dimension of the ``tl.dot``, padded to 16) over the k-th share of seq s's keys. With one
   split it writes the output; with more it writes (max, sum, acc) partials that
-  ``_combine_kernel`` (grid (S, KVH)) merges.
+  ``_combine_kernel`` (grid (S, KVH)) merges. Given the step's new keys/values, the
+  program whose share holds the newest position first writes them into the pool: two
+  launches per layer fewer (the K and V writes). Merging in the decode kernel instead
+  (the last share, found by an atomic count) measured slower at one stream (1.48 against
+  1.40 ms a step on an H200) though faster at 16 and 64: not kept.
 - ``_varlen_kernel`` (prefill chunks, mixed steps): grid (cdiv(T, BLOCK_Q) + S, KVH); a
   program finds its (seq, query tile) by binary search over ``query_start`` and takes
   BLOCK_Q queries x the group's heads as its M rows.
@@ -85,18 +89,64 @@ def _attend_keys(q, m_i, l_i, acc, k_ptr, v_ptr, table_row_ptr, kv_head, key_sta
 
 
 # Counts and the window change from step to step: not specialised, so no new compile.
+@triton.jit
+def _write_new_key(new_k_ptr, new_v_ptr, slots_ptr, k_ptr, v_ptr, token, kv_head,
+                   stride_nt, stride_nh, stride_block, stride_slot, stride_head,
+                   BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr):
+    """Store token ``token``'s key and value of kv head ``kv_head`` at its pool slot."""
+    offs_d = tl.arange(0, D_P2)
+    d_ok = offs_d < HEAD_DIM
+    slot = tl.load(slots_ptr + token).to(tl.int64)
+    src = token * stride_nt + kv_head * stride_nh + offs_d
+    dst = ((slot // BLOCK_SIZE) * stride_block + (slot % BLOCK_SIZE) * stride_slot
+           + kv_head * stride_head + offs_d)
+    tl.store(k_ptr + dst, tl.load(new_k_ptr + src, mask=d_ok), mask=d_ok)
+    tl.store(v_ptr + dst, tl.load(new_v_ptr + src, mask=d_ok), mask=d_ok)
+
+
+@triton.jit
+def _merge_splits(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, token, first, heads,
+                  g_ok, rows_ok, offs_d, stride_ot, stride_oh,
+                  HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+    """Merge the SPLITS partials (max, sum, acc) from index ``first`` of each head into
+    the output row of ``token``."""
+    m_all = tl.full(heads.shape, MAX_START, dtype=tl.float32)
+    for k in range(SPLITS):
+        m_all = tl.maximum(m_all, tl.load(part_m_ptr + first + k, mask=g_ok,
+                                          other=MAX_START))
+    total = tl.zeros(heads.shape, dtype=tl.float32)
+    acc = tl.zeros(rows_ok.shape, dtype=tl.float32)
+    for k in range(SPLITS):
+        weight = tl.exp2(tl.load(part_m_ptr + first + k, mask=g_ok, other=MAX_START)
+                         - m_all)
+        total += weight * tl.load(part_l_ptr + first + k, mask=g_ok, other=0.0)
+        acc += weight[:, None] * tl.load(
+            part_acc_ptr + (first + k)[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=rows_ok, other=0.0)
+    result = acc / tl.where(g_ok, total, 1.0)[:, None]
+    tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+             result.to(out_ptr.dtype.element_ty), mask=rows_ok)
+
+
 @triton.jit(do_not_specialize=["num_seqs", "num_tokens", "window"])
 def _decode_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+                   new_k_ptr, new_v_ptr, slots_ptr,
                    q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, query_start_ptr,
                    num_seqs, num_tokens, num_heads, window, qk_scale, softcap,
-                   stride_qt, stride_qh, stride_ot, stride_oh, stride_table,
-                   stride_block, stride_slot, stride_head,
+                   stride_qt, stride_qh, stride_ot, stride_oh, stride_nt, stride_nh,
+                   stride_table, stride_block, stride_slot, stride_head,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    D_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   SPLITS: tl.constexpr, WRITE_NEW: tl.constexpr, USE_WINDOW: tl.constexpr,
+                   USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Program (i, kvh, split): seq i's share ``split`` of its keys; and, in split 0, the
-    zeros of padding token i (i >= query_start[S])."""
+    zeros of padding token i (i >= query_start[S]).
+
+    WRITE_NEW: ``new_k``/``new_v`` [T, KVH, D] hold the step's keys/values, to be stored
+    at ``slots[token]`` first. Only the share holding the newest position (seq_len - 1)
+    reads that slot, and it is the program that writes it: a barrier orders the store
+    before the loads (CTA scope is enough), with no other program involved.
+    """
     i = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -124,6 +174,12 @@ def _decode_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
             split_keys = tl.cdiv(tiles, SPLITS) * BLOCK_N
             key_start = first_key + split * split_keys
             key_end = tl.minimum(key_start + split_keys, seq_len)
+            if WRITE_NEW:
+                if (key_start <= seq_len - 1) & (seq_len - 1 < key_end):
+                    _write_new_key(new_k_ptr, new_v_ptr, slots_ptr, k_ptr, v_ptr, token,
+                                   kv_head, stride_nt, stride_nh, stride_block, stride_slot,
+                                   stride_head, BLOCK_SIZE, HEAD_DIM, D_P2)
+                tl.debug_barrier()
 
             q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                         mask=rows_ok, other=0.0)
@@ -167,22 +223,9 @@ def _combine_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, query_start_p
         g_ok = offs_g < GROUP
         rows_ok = g_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
         heads = kv_head * GROUP + offs_g
-        first = (seq * num_heads + heads) * SPLITS
-        m_all = tl.full([GROUP_P2], MAX_START, dtype=tl.float32)
-        for k in range(SPLITS):
-            m_all = tl.maximum(m_all, tl.load(part_m_ptr + first + k, mask=g_ok,
-                                              other=MAX_START))
-        total = tl.zeros([GROUP_P2], dtype=tl.float32)
-        acc = tl.zeros([GROUP_P2, D_P2], dtype=tl.float32)
-        for k in range(SPLITS):
-            weight = tl.exp2(tl.load(part_m_ptr + first + k, mask=g_ok, other=MAX_START) - m_all)
-            total += weight * tl.load(part_l_ptr + first + k, mask=g_ok, other=0.0)
-            acc += weight[:, None] * tl.load(
-                part_acc_ptr + (first + k)[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=rows_ok, other=0.0)
-        result = acc / total[:, None]
-        tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                 result.to(out_ptr.dtype.element_ty), mask=rows_ok)
+        _merge_splits(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, token,
+                      (seq * num_heads + heads) * SPLITS, heads, g_ok, rows_ok, offs_d,
+                      stride_ot, stride_oh, HEAD_DIM, SPLITS)
 
 
 @triton.jit(do_not_specialize=["num_seqs", "num_tokens", "window"])
@@ -331,22 +374,36 @@ class Launch:
                                num_stages=self.num_stages)
 
 
+@dataclass(frozen=True)
+class NewKeys:
+    """A decode step's keys and values [T, KVH, D], for the decode kernel to store at
+    ``slots[t]`` (pool slot: block * block_size + offset) before it attends."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    slots: torch.Tensor
+
+
 def plan_launches(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                   block_tables: torch.Tensor, seq_lens: torch.Tensor,
                   query_start: torch.Tensor, out: torch.Tensor, scale: float, window: int,
-                  softcap: float, decode_only: bool,
-                  splits: Optional[int] = None) -> List[Launch]:
+                  softcap: float, decode_only: bool, splits: Optional[int] = None,
+                  new: Optional[NewKeys] = None) -> List[Launch]:
     """The launches that write paged attention into ``out`` (arguments as
     ``paged_attention``'s, already checked), with the split-KV scratch they need allocated.
 
     ``splits`` forces the decode kernel's number of key shares (tests, benchmarks); by
     default it comes from ``decode_splits`` (1 for tensors that are not on a GPU).
+    ``new`` (decode only): the step's keys/values, which the decode kernel writes into the
+    pool itself; otherwise they must be in the pool already.
     """
     num_tokens, num_heads, head_dim = query.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     num_seqs, max_blocks = block_tables.shape
     if num_tokens == 0:
         return []
+    if new is not None and not decode_only:
+        raise ValueError("paged_attention: new keys are written by the decode kernel only")
     group = num_heads // num_kv_heads
     use_softcap = softcap > 0.0
     # Without softcap the base-2 factor folds into the scale; with it, it follows the tanh.
@@ -386,10 +443,14 @@ def plan_launches(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     part_acc = torch.empty((num_seqs, num_heads, splits, head_dim) if splits > 1 else (1,),
                            dtype=torch.float32, device=query.device)
     partials = dict(part_m_ptr=part_m, part_l_ptr=part_l, part_acc_ptr=part_acc)
-    launches = [Launch(_decode_kernel, (max(num_seqs, num_tokens), num_kv_heads, splits),
-                       dict(out_ptr=out, **partials, **inputs, num_heads=num_heads),
+    written = new if new is not None else NewKeys(query, query, seq_lens)  # unread dummies
+    args = dict(out_ptr=out, **partials, new_k_ptr=written.keys, new_v_ptr=written.values,
+                slots_ptr=written.slots, stride_nt=written.keys.stride(0),
+                stride_nh=written.keys.stride(1), **inputs, num_heads=num_heads)
+    launches = [Launch(_decode_kernel, (max(num_seqs, num_tokens), num_kv_heads, splits), args,
                        dict(common, GROUP_PAD=max(16, _pow2(group)), BLOCK_N=tiles.block_n,
-                            SPLITS=splits), tiles.num_warps, tiles.num_stages)]
+                            SPLITS=splits, WRITE_NEW=new is not None),
+                       tiles.num_warps, tiles.num_stages)]
     if splits > 1 and num_seqs > 0:
         launches.append(Launch(
             _combine_kernel, (num_seqs, num_kv_heads),
@@ -404,8 +465,9 @@ def run_paged_attention(query: torch.Tensor, key_cache: torch.Tensor,
                         value_cache: torch.Tensor, block_tables: torch.Tensor,
                         seq_lens: torch.Tensor, query_start: torch.Tensor, out: torch.Tensor,
                         scale: float, window: int, softcap: float, decode_only: bool,
-                        splits: Optional[int] = None) -> None:
+                        splits: Optional[int] = None, new: Optional[NewKeys] = None) -> None:
     """Write paged attention into ``out``: every launch of ``plan_launches``, in order."""
     for launch in plan_launches(query, key_cache, value_cache, block_tables, seq_lens,
-                                query_start, out, scale, window, softcap, decode_only, splits):
+                                query_start, out, scale, window, softcap, decode_only, splits,
+                                new):
         launch.run()
