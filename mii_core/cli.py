@@ -1,10 +1,11 @@
 """The ``mii`` console script: a thin front end over ``mii.serve`` / ``mii.client``.
 
     mii serve MODEL [--set key=value ...]   start a deployment (returns when it answers)
-    mii list                                 deployments in the registry
-    mii status NAME                          health, replicas, ports, counters
+    mii list                                 deployments in the registry (a table)
+    mii status NAME [--json]                 health, replicas, counters, latencies, KV use
     mii logs NAME [-n LINES]                 tail of the deployment log
     mii generate NAME PROMPT [--set ...]     one generation (streams with --stream)
+    mii bench NAME [--concurrency C ...]     load-test a deployment (mii bench --help)
     mii stop NAME                            terminate the deployment
     mii plugins                              discovered engines, schedulers, transports
 """
@@ -16,6 +17,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
+from mii_core import bench_cli, cli_format
 from mii_core.api import serve as deploy
 from mii_core.deploy import logs, registry
 from mii_core.errors import MIIError
@@ -46,11 +48,9 @@ def _list(args: argparse.Namespace) -> int:
     records = registry.list_records()
     if not records:
         print("no deployments")
-    for record in records:
-        alive = registry.supervisor_alive(record)
-        state = record.state if alive else "dead (stale record)"
-        print(f"{record.name}\t{record.host}:{record.port}\t{state}\t{record.engine}\t"
-              f"replicas={len(record.replicas)}")
+        return 0
+    alive = [(record, registry.supervisor_alive(record)) for record in records]
+    print(cli_format.deployments_table(alive, time.time()))
     return 0
 
 
@@ -63,7 +63,10 @@ def _status(args: argparse.Namespace) -> int:
         info["uptime_s"] = round(time.time() - (record.ready_at or record.created_at), 1)
         info["log"] = record.log_path
     info["serving"] = client.is_serving()
-    print(json.dumps(info, indent=2))
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(cli_format.status_text(dict(info, address=f"{client.host}:{client.port}")))
     return 0
 
 
@@ -87,6 +90,10 @@ def _generate(args: argparse.Namespace) -> int:
     for response in client.generate(args.prompt, **params):
         print(response.generated_text)
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    return bench_cli.main(args, deploy.client(args.name))
 
 
 def _stop(args: argparse.Namespace) -> int:
@@ -115,11 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any ModelConfig/MIIConfig field, e.g. --set replica_num=2")
     p.set_defaults(func=_serve)
     sub.add_parser("list", help="list deployments").set_defaults(func=_list)
-    for name, func, text in (("status", _status, "show a deployment's status"),
-                             ("stop", _stop, "terminate a deployment")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("name")
-        p.set_defaults(func=func)
+    p = sub.add_parser("status", help="show a deployment's status")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true",
+                   help="print the raw status record (the load balancer's Info, per replica)")
+    p.set_defaults(func=_status)
+    p = sub.add_parser("stop", help="terminate a deployment")
+    p.add_argument("name")
+    p.set_defaults(func=_stop)
+    bench_cli.add_parser(sub, _bench)
     p = sub.add_parser("logs", help="show the end of a deployment's log")
     p.add_argument("name")
     p.add_argument("-n", "--lines", type=int, default=50)
