@@ -236,10 +236,14 @@ def test_regional_compile_picks_the_decoder_layers_not_a_longer_list():
     assert repeated_blocks(model, attention[:2]) is None  # no list matches layer for layer
 
 
-def test_row_buckets_double_to_8_then_step_by_8():
+def test_row_buckets_double_to_8_step_by_8_to_64_then_by_32():
     from mii_engines.runtime.runner.graphs import row_buckets
 
     assert row_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert row_buckets(256) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 96, 128, 160, 192,
+                                224, 256]
+    assert row_buckets(100) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 96, 100]
+    assert row_buckets(65) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 65]
     assert row_buckets(20) == [1, 2, 4, 8, 16, 20]
     assert row_buckets(8) == [1, 2, 4, 8] and row_buckets(3) == [1, 2, 3]
     assert row_buckets(1) == [1]
