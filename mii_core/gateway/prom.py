@@ -66,9 +66,45 @@ class _Hist:
         return buckets
 
 
+# The KV cache's figures (``KVStats`` in each replica's stats): (key, family suffix, is a
+# counter, help). A replica without a block pool (the dynamic cache) reports zeros.
+KV_FIGURES = (
+    ("blocks_total", "kv_blocks_total", False, "KV cache blocks in the replica's pool."),
+    ("blocks_used", "kv_blocks_used", False, "KV cache blocks held by sequences now."),
+    ("prefix_query_tokens", "prefix_cache_query_tokens", True,
+     "Prompt tokens looked up in the prefix cache."),
+    ("prefix_hit_tokens", "prefix_cache_hit_tokens", True,
+     "Prompt tokens found in the prefix cache (their KV reused, not recomputed)."),
+    ("preemptions", "kv_preemptions", True,
+     "Running sequences preempted for KV memory (recomputed later)."),
+)
+
+
 def _replica_metrics(entry: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     stats = ReplicaStats.from_dict(entry.get("stats"))
     return None if stats is None else asdict(stats.metrics)
+
+
+def _replica_kv(entry: Dict[str, Any]) -> Dict[str, Any]:
+    stats = ReplicaStats.from_dict(entry.get("stats"))
+    return stats.kv if stats is not None else {}
+
+
+def _kv_families(replicas: List[Dict[str, Any]]) -> List[Metric]:
+    """Per-replica and aggregated families of the KV cache's figures."""
+    families: List[Metric] = []
+    for key, suffix, counter, doc in KV_FIGURES:
+        kind = CounterMetricFamily if counter else GaugeMetricFamily
+        per = kind(f"mii_replica_{suffix}", doc, labels=["replica"])
+        total = 0
+        for entry in replicas:
+            if _replica_metrics(entry) is None:  # did not answer Info
+                continue
+            value = int(_replica_kv(entry).get(key, 0) or 0)
+            per.add_metric([str(entry.get("index", replicas.index(entry)))], value)
+            total += value
+        families += [per, kind(f"mii_{suffix}", doc + " All replicas.", value=total)]
+    return families
 
 
 def deployment_families(info: Optional[Dict[str, Any]], deployment: str) -> List[Metric]:
@@ -151,6 +187,7 @@ def deployment_families(info: Optional[Dict[str, Any]], deployment: str) -> List
     families += [replica_count, healthy_count, healthy, routed, per_requests, per_tokens,
                  per_queue, per_running, *per_hist.values(), total_requests, total_tokens,
                  total_queue, total_running]
+    families += _kv_families(replicas)
     for name, doc in HISTOGRAMS:
         total = sums[name] or _Hist({"buckets": list(BUCKETS_S),
                                      "counts": [0] * (len(BUCKETS_S) + 1)})
