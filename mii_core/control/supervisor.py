@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -34,6 +35,7 @@ from mii_core.plugins.discovery import hooks, load_driver
 
 log = logging.getLogger(__name__)
 POLL_S = 0.1
+STARTUP_POLL_S = 0.05  # until ready: serve() waits on this probe (see "Start-up time")
 STOP_GRACE_S = 8.0
 GATEWAY_WAIT_S = 20.0
 
@@ -61,7 +63,12 @@ class Supervisor:
         self.config = record.mii_config
         self.children: Dict[str, Child] = {}
         self.stop_reason: Optional[str] = None
-        self.transport = load_driver("transport", self.config.transport)()
+
+    @cached_property
+    def transport(self):
+        """The transport driver, loaded at first use (the readiness probe), so that the
+        replicas, whose imports are most of the start-up, are spawned before grpc is imported."""
+        return load_driver("transport", self.config.transport)()
 
     # -- record ------------------------------------------------------------------------
     def _save(self, **changes) -> None:
@@ -127,7 +134,7 @@ class Supervisor:
                 elif time.time() > deadline:
                     self._fail(f"not serving after startup_timeout={self.config.startup_timeout}s")
                     return 1
-            time.sleep(POLL_S)
+            time.sleep(STARTUP_POLL_S if self.record.state == "starting" else POLL_S)
         return 0
 
     def _restart_due(self) -> None:

@@ -23,12 +23,20 @@ from mii_transport.grpc.auth import auth_metadata
 from mii_transport.grpc.generated import mii_pb2, mii_pb2_grpc
 from mii_transport.grpc.server import CHANNEL_OPTIONS
 
+# The router probes a replica every 0.05 s until it first answers, but a channel whose
+# connects were refused (the replica still loading) retries only when its reconnect
+# backoff ends, up to CHANNEL_OPTIONS' 0.5 s: a replica that starts listening was seen
+# 0.36 s later (median of 8, max 0.52 s). With a 0.1 s cap: 0.06 s. Also after a restart.
+REPLICA_CHANNEL_OPTIONS = [(key, value) for key, value in CHANNEL_OPTIONS
+                           if key != "grpc.max_reconnect_backoff_ms"]
+REPLICA_CHANNEL_OPTIONS.append(("grpc.max_reconnect_backoff_ms", 100))
+
 
 class ReplicaChannel:
     """The gRPC channel and stubs of one replica."""
 
     def __init__(self, address: str) -> None:
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = grpc.aio.insecure_channel(address, options=REPLICA_CHANNEL_OPTIONS)
         self.stub = mii_pb2_grpc.MIIServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 

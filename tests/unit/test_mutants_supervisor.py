@@ -191,7 +191,17 @@ def test_the_supervisor_loads_its_record_and_transport(env):
     s = env.supervisor("sup-load", port_number=4567)
     assert s.record.name == "sup-load" and s.config.port_number == 4567
     assert s.children == {} and s.stop_reason is None
-    assert env.loaded == [("transport", "grpc")] and s.transport is env.transport
+    assert env.loaded == []  # the transport is loaded at first use, once
+    assert s.transport is env.transport and s.transport is env.transport
+    assert env.loaded == [("transport", "grpc")]
+
+
+def test_every_child_is_spawned_before_the_transport_is_loaded(env, monkeypatch):
+    s = env.supervisor("sup-order", replicas=2)
+    with_fake_children(s, monkeypatch)
+    s.start()
+    assert [role for role, _, _ in s.spawned] == ["replica-0", "replica-1", "load-balancer"]
+    assert env.loaded == []
 
 
 def test_a_child_starts_with_no_restarts():
@@ -236,12 +246,13 @@ def test_ready_when_the_load_balancer_answers(env, monkeypatch, caplog):
     s.record.created_at = started - 3.0
     with caplog.at_level(logging.INFO, logger=sup.__name__):
         assert s.watch() == 0
-    assert "deployment sup-ready ready on 127.0.0.1:4321 after 3.2s" in caplog.text
+    assert "deployment sup-ready ready on 127.0.0.1:4321 after 3.1s" in caplog.text
     assert env.transport.calls == [("127.0.0.1:4321", 0.2, None)] * 3
     saved = registry.load("sup-ready")
-    assert saved.state == "ready" and saved.ready_at == pytest.approx(started + 0.2)
+    assert saved.state == "ready" and saved.ready_at == pytest.approx(started + 0.1)
     assert env.hooks.calls == [("started", "sup-ready", "ready")]
-    assert set(clock.sleeps) == {sup.POLL_S} and sup.POLL_S == 0.1  # polls every 0.1 s
+    # polls every 0.05 s until ready (serve() waits on it), every 0.1 s after
+    assert clock.sleeps == [0.05, 0.05, 0.1] == [sup.STARTUP_POLL_S] * 2 + [sup.POLL_S]
 
 
 def test_the_probe_uses_the_tls_certificate(env, monkeypatch, tmp_path):
