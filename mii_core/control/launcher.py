@@ -3,8 +3,9 @@
 A tensor_parallel=1 replica is one plain Python process. A larger replica is
 started by torchrun (``torch.distributed.run``), one process per rank, with its
 own rendezvous port, so ranks get RANK/WORLD_SIZE/LOCAL_RANK the standard way.
-Multi-node replicas would use the DeepSpeed launcher with the hostfile; that path
-is built by ``deepspeed_multinode_command`` and documented as not run here.
+A replica with a rank on another host of the hostfile is started by the DeepSpeed
+launcher (``deepspeed_multinode_command``: pdsh, then ssh to each host), whose ranks
+run ``remote_main`` there; docs/multi-host.md says what the hosts need.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from mii_core.deploy.addresses import dial_host, is_local
 from mii_core.deploy.registry import DeploymentRecord, ReplicaRecord, mii_home
 
 REPLICA_MODULE = "mii_core.control.replica_main"
+REMOTE_MODULE = "mii_core.control.remote_main"
 LB_MODULE = "mii_core.control.lb_main"
 GATEWAY_MODULE = "mii_core.control.gateway_main"
 
@@ -70,7 +72,7 @@ def compile_cache_env(env: Dict[str, str]) -> None:
 
 
 def replica_spec(record: DeploymentRecord, record_file: str, replica: ReplicaRecord) -> ChildSpec:
-    """The command starting every rank of ``replica`` on this host."""
+    """The command starting every rank of ``replica`` (here, or over ssh on its hosts)."""
     config = record.mii_config
     tp = config.model_conf.tensor_parallel
     env = _base_env(record_file)
@@ -80,9 +82,10 @@ def replica_spec(record: DeploymentRecord, record_file: str, replica: ReplicaRec
     if replica.gpu_indices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in replica.gpu_indices)
     target = ["-m", REPLICA_MODULE, record_file, str(replica.index)]
-    if not is_local(replica.hostname):
-        return ChildSpec(f"replica-{replica.index}",
-                         deepspeed_multinode_command(record, record_file, replica), env)
+    if not all(is_local(host) for host in replica_hosts(replica, tp)):
+        return ChildSpec(f"replica-{replica.index}", [
+            sys.executable, "-m", REMOTE_MODULE, "launch",
+            *deepspeed_multinode_command(record, record_file, replica)], env)
     if tp == 1:
         return ChildSpec(f"replica-{replica.index}", [sys.executable, *target], env)
     argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
@@ -92,19 +95,37 @@ def replica_spec(record: DeploymentRecord, record_file: str, replica: ReplicaRec
     return ChildSpec(f"replica-{replica.index}", argv, env)
 
 
+def replica_hosts(replica: ReplicaRecord, tensor_parallel: int) -> Dict[str, List[int]]:
+    """Host -> slot ids of every rank of ``replica``, in rank order."""
+    return dict(replica.hosts) or {
+        replica.hostname: list(replica.gpu_indices) or list(range(tensor_parallel))}
+
+
 def deepspeed_multinode_command(record: DeploymentRecord, record_file: str,
                                 replica: ReplicaRecord) -> List[str]:
-    """The DeepSpeed launcher command for a replica on a remote host of the hostfile.
+    """The DeepSpeed launcher command for a replica with ranks on other hosts.
 
-    The launcher reaches the host over pdsh/ssh; the record file (and the model) must
-    be at the same path there (a shared filesystem). Not exercised in CI: no second
-    host exists there.
+    ``remote_main launch`` runs it on the head. The launcher reaches each host over
+    pdsh/ssh and runs ``deepspeed.launcher.launch`` there, which starts that host's ranks
+    as ``remote_main rank``. The record file, the model and this interpreter must be at
+    the same paths on every host. ``--force_multi``: a replica on one remote host is
+    still launched there (without it, an ``--include`` that leaves a single host is
+    started on this machine). ``--master_addr``: rank 0's host, by the name the hostfile
+    gives it (else the launcher asks it over ssh for ``hostname -I``).
     """
     config = record.mii_config
-    include = f"{replica.hostname}:{','.join(str(g) for g in replica.gpu_indices)}"
-    return ["deepspeed", "--hostfile", config.hostfile, "--include", include,
-            "--master_port", str(replica.dist_port), "--no_local_rank",
-            "--module", REPLICA_MODULE, record_file, str(replica.index)]
+    if not os.path.isfile(config.hostfile):
+        raise ValueError(f"replica {replica.index} is placed on {replica.hostname}, another "
+                         f"host, but the hostfile {config.hostfile!r} the DeepSpeed launcher "
+                         f"reaches it with does not exist")
+    hosts = replica_hosts(replica, config.model_conf.tensor_parallel)
+    include = "@".join(f"{host}:{','.join(str(s) for s in slots)}"
+                       for host, slots in hosts.items())
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", config.hostfile,
+            "--include", include, "--master_addr", next(iter(hosts)),
+            "--master_port", str(replica.dist_port), "--force_multi", "--no_local_rank",
+            "--module", REMOTE_MODULE, "rank", record_file, str(replica.index),
+            socket.gethostname()]
 
 
 def load_balancer_spec(record_file: str) -> ChildSpec:

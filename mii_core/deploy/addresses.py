@@ -5,17 +5,25 @@ One rule, used by every process: a replica placed on a local name (``localhost``
 loopback only and is dialled there; a replica on another host binds every interface
 (the load balancer must reach it) and is dialled by its name. Servers bound to a
 wildcard address are reached on the loopback of the matching family.
+
+"This machine" is the deployment's head, where the supervisor and the load balancer
+run. A rank started on another host (``remote_main``) sets ``MII_HEAD_HOST`` to the
+head's hostname, so that there its own hostname is not mistaken for the head's.
 """
 from __future__ import annotations
 
+import os
 import socket
 
-LOCAL_NAMES = frozenset({"", "localhost", "127.0.0.1", socket.gethostname()})
+HEAD_HOST_ENV = "MII_HEAD_HOST"
+LOOPBACK_NAMES = frozenset({"", "localhost", "127.0.0.1"})
 
 
 def is_local(hostname: str) -> bool:
-    """True if ``hostname`` names this machine."""
-    return hostname in LOCAL_NAMES
+    """True if ``hostname`` names the deployment's head machine (this one, unless
+    ``MII_HEAD_HOST`` names another)."""
+    head = os.environ.get(HEAD_HOST_ENV) or socket.gethostname()
+    return hostname in LOOPBACK_NAMES or hostname == head
 
 
 def replica_bind_host(hostname: str) -> str:

@@ -2,29 +2,38 @@
 
 A resource pool maps host -> device slots (GPUs). Without GPUs, tensor-parallel
 ranks are CPU processes and any count is allowed. Multi-node placement reads a
-DeepSpeed-style hostfile (``host slots=N`` per line).
+DeepSpeed-style hostfile (``host slots=N`` per line); when the machine that serves has
+no GPU, the hostfile's slots are CPU processes (as for DeepSpeed's CPU accelerator).
+A replica whose ``tensor_parallel`` exceeds every host's slots spans hosts (see
+``allocate``); docs/multi-host.md describes running across machines.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 from mii_core.config.models import DEVICE_MAP_DEFAULT
-from mii_core.deploy.addresses import is_local
+from mii_core.deploy.addresses import LOOPBACK_NAMES, is_local
 
 DeviceMap = Union[str, Dict[str, List[List[int]]]]
 
 
 @dataclass(frozen=True)
 class Placement:
-    """Host and device ids of one replica (empty ``gpu_indices`` means CPU)."""
+    """Host and device ids of one replica (empty ``gpu_indices`` means CPU).
+
+    ``hosts``: every host of the replica with the hostfile slots its ranks use, in rank
+    order; set when the replica spans hosts or runs on CPU slots of a hostfile, empty
+    otherwise (then it is ``{hostname: gpu_indices}``). ``hostname`` is rank 0's host.
+    """
 
     hostname: str
     gpu_indices: List[int]
+    hosts: Dict[str, List[int]] = field(default_factory=dict)
 
 
 def count_local_gpus() -> int:
@@ -76,12 +85,31 @@ def local_pool(gpu_count: int) -> Dict[str, int]:
     return {"localhost": gpu_count}
 
 
+def place(hostfile: str, tensor_parallel: int, replica_num: int,
+          device_map: DeviceMap = DEVICE_MAP_DEFAULT) -> List[Placement]:
+    """The placements ``serve()`` uses: over the hostfile's hosts if it exists, else over
+    this machine's GPUs. Without a GPU here, the hostfile's slots are CPU processes."""
+    gpus = count_local_gpus()
+    pool = read_hostfile(hostfile)
+    if pool is None:
+        return allocate(local_pool(gpus), tensor_parallel, replica_num, device_map)
+    return allocate(pool, tensor_parallel, replica_num, device_map, cpu=gpus == 0)
+
+
 def allocate(pool: Dict[str, int], tensor_parallel: int, replica_num: int,
-             device_map: DeviceMap = DEVICE_MAP_DEFAULT) -> List[Placement]:
+             device_map: DeviceMap = DEVICE_MAP_DEFAULT, cpu: bool = False) -> List[Placement]:
     """One placement per replica, or a ValueError saying precisely what does not fit.
 
-    With no GPU anywhere in ``pool`` every replica runs on CPU of the first host.
+    With no GPU anywhere in ``pool`` every replica runs on CPU of the first host. With
+    ``cpu`` the pool's slots are CPU processes: placed as GPUs would be, with the slots
+    in ``hosts`` and no ``gpu_indices``. ``"auto"`` fills each host in order (MII's rule);
+    if ``tensor_parallel`` exceeds every host's slots, each replica takes the slots of
+    consecutive hosts instead (its ranks then talk over the network).
     """
+    if cpu:
+        return [replace(p, gpu_indices=[],
+                        hosts=p.hosts or ({p.hostname: p.gpu_indices} if p.gpu_indices else {}))
+                for p in allocate(pool, tensor_parallel, replica_num, device_map)]
     if sum(pool.values()) == 0:
         if device_map != DEVICE_MAP_DEFAULT:
             raise ValueError(f"device_map {device_map!r} names GPU ids but no GPU is visible")
@@ -89,6 +117,8 @@ def allocate(pool: Dict[str, int], tensor_parallel: int, replica_num: int,
         return [Placement(host, []) for _ in range(replica_num)]
     if device_map == DEVICE_MAP_DEFAULT:
         needed = tensor_parallel * replica_num
+        if tensor_parallel > max(pool.values()) and sum(pool.values()) >= needed:
+            return _spanning(pool, tensor_parallel, replica_num)
         capacity = sum(slots // tensor_parallel for slots in pool.values()) * tensor_parallel
         if capacity < needed:
             raise ValueError(
@@ -102,6 +132,26 @@ def allocate(pool: Dict[str, int], tensor_parallel: int, replica_num: int,
                     placements.append(Placement(host, list(range(start, start + tensor_parallel))))
         return placements
     return _explicit(pool, tensor_parallel, replica_num, device_map)
+
+
+def _spanning(pool: Dict[str, int], tensor_parallel: int,
+              replica_num: int) -> List[Placement]:
+    """Replicas over consecutive hosts' slots, in hostfile order (the order the DeepSpeed
+    launcher numbers ranks in), when no host has ``tensor_parallel`` slots."""
+    slots = [(host, slot) for host, count in pool.items() for slot in range(count)]
+    placements = []
+    for start in range(0, replica_num * tensor_parallel, tensor_parallel):
+        hosts: Dict[str, List[int]] = {}
+        for host, slot in slots[start:start + tensor_parallel]:
+            hosts.setdefault(host, []).append(slot)
+        loopback = [h for h in hosts if h in LOOPBACK_NAMES]
+        if loopback:
+            raise ValueError(f"a replica spanning hosts {', '.join(hosts)} needs each host "
+                             f"by a name the others resolve, not {loopback[0]!r}; name this "
+                             f"machine in the hostfile by its hostname or address")
+        first = next(iter(hosts))
+        placements.append(Placement(first, hosts[first], hosts))
+    return placements
 
 
 def _explicit(pool: Dict[str, int], tensor_parallel: int, replica_num: int,

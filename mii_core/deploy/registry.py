@@ -31,6 +31,9 @@ class ReplicaRecord(BaseModel):
     port: int
     dist_port: int
     gpu_indices: List[int] = []
+    hosts: Dict[str, List[int]] = {}
+    """Every host of the replica with the hostfile slots its ranks use, in rank order (a
+    replica spanning hosts, or CPU slots of a hostfile); empty: ``hostname`` alone."""
 
 
 class DeploymentRecord(BaseModel):

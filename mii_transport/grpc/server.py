@@ -26,6 +26,10 @@ SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", GRPC_MAX_MSG_SIZE),
     # Without this a second server could silently share a busy port.
     ("grpc.so_reuseport", 0),
+    # Let callers ping as often as CHANNEL_OPTIONS does (by default 2 pings within 5
+    # minutes without data get the connection closed with "too_many_pings").
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.max_ping_strikes", 0),
 ]
 # Peers that are still starting refuse connections; grpc's default reconnect backoff
 # (1 s, growing) would then delay noticing them by seconds.
@@ -33,6 +37,13 @@ CHANNEL_OPTIONS = SERVER_OPTIONS[:2] + [
     ("grpc.initial_reconnect_backoff_ms", 50),
     ("grpc.min_reconnect_backoff_ms", 50),
     ("grpc.max_reconnect_backoff_ms", 500),
+    # While calls are in flight, ping every 3 s and give up on a peer that has not
+    # answered in 5 s: a call to a host whose link went down fails UNAVAILABLE instead
+    # of waiting for TCP to give up (minutes). Pings are answered by grpc's own threads,
+    # so a busy peer answers them too.
+    ("grpc.keepalive_time_ms", 3000),
+    ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.http2.max_pings_without_data", 0),
 ]
 
 

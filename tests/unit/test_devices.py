@@ -1,4 +1,6 @@
 """Replica placement on hosts and GPUs, including two hosts from a hostfile."""
+import socket
+
 import pytest
 
 from mii_core.deploy.devices import Placement, allocate, read_hostfile
@@ -66,10 +68,61 @@ def test_remote_replica_is_started_by_the_deepspeed_launcher_with_the_hostfile(t
         replicas=[ReplicaRecord(index=0, hostname="worker-2", port=2, dist_port=29500,
                                 gpu_indices=[0, 1])])
     spec = replica_spec(record, "/shared/record.json", record.replicas[0])
-    assert spec.argv[:5] == ["deepspeed", "--hostfile", str(hostfile), "--include", "worker-2:0,1"]
-    assert spec.argv[-3:] == ["mii_core.control.replica_main", "/shared/record.json", "0"]
+    assert spec.argv[1:4] == ["-m", "mii_core.control.remote_main", "launch"]
+    assert spec.argv[5:13] == ["-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
+                               "--include", "worker-2:0,1", "--master_addr", "worker-2"]
+    # one remote host: still a multi-node launch (else DeepSpeed would start it here)
+    assert "--force_multi" in spec.argv
+    assert spec.argv[-5:] == ["mii_core.control.remote_main", "rank", "/shared/record.json",
+                              "0", socket.gethostname()]
     local = record.replicas[0].model_copy(update={"hostname": "localhost"})
     assert "torch.distributed.run" in replica_spec(record, "/r.json", local).argv
+    # A replica spanning hosts: every host in --include, rank 0's host is the master.
+    spanning = record.replicas[0].model_copy(update={
+        "hostname": "worker-1", "hosts": {"worker-1": [1], "worker-2": [0]}})
+    argv = replica_spec(record, "/r.json", spanning).argv
+    assert argv[argv.index("--include") + 1] == "worker-1:1@worker-2:0"
+    assert argv[argv.index("--master_addr") + 1] == "worker-1"
+    # A partly local one goes through the launcher too.
+    mixed = spanning.model_copy(update={"hosts": {"localhost": [0], "worker-2": [0]}})
+    assert "deepspeed.launcher.runner" in replica_spec(record, "/r.json", mixed).argv
+    missing = config.model_copy(update={"hostfile": str(tmp_path / "none")})
+    gone = record.model_copy(update={"config": missing.model_dump(by_alias=True, mode="json")})
+    with pytest.raises(ValueError, match="hostfile .* does not exist"):
+        replica_spec(gone, "/r.json", record.replicas[0])
+
+
+def test_a_replica_wider_than_every_host_spans_hosts_in_hostfile_order():
+    assert allocate({"a": 1, "b": 1}, 2, 1) == [Placement("a", [0], {"a": [0], "b": [0]})]
+    assert allocate({"a": 3, "b": 3}, 4, 1) == [Placement("a", [0, 1, 2], {"a": [0, 1, 2],
+                                                                          "b": [0]})]
+    assert allocate({"a": 2, "b": 2, "c": 2, "d": 2}, 4, 2) == [
+        Placement("a", [0, 1], {"a": [0, 1], "b": [0, 1]}),
+        Placement("c", [0, 1], {"c": [0, 1], "d": [0, 1]})]
+    # one host that fits keeps MII's rule (no spanning), and too few slots stay an error
+    assert allocate({"a": 2, "b": 1}, 2, 1) == [Placement("a", [0, 1])]
+    with pytest.raises(ValueError, match="needs 4 GPUs but only 2"):
+        allocate({"a": 1, "b": 1}, 2, 2)
+    with pytest.raises(ValueError, match="not 'localhost'"):
+        allocate({"localhost": 1, "b": 1}, 2, 1)
+
+
+def test_hostfile_slots_are_cpu_processes_on_a_machine_without_gpus(tmp_path, monkeypatch):
+    from mii_core.deploy import devices
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("host-a slots=1\nhost-b slots=1\n")
+    monkeypatch.setattr(devices, "count_local_gpus", lambda: 0)
+    assert devices.place(str(hostfile), 1, 2, {"host-a": [[0]], "host-b": [[0]]}) == [
+        Placement("host-a", [], {"host-a": [0]}), Placement("host-b", [], {"host-b": [0]})]
+    assert devices.place(str(hostfile), 2, 1) == [
+        Placement("host-a", [], {"host-a": [0], "host-b": [0]})]
+    with pytest.raises(ValueError, match="names GPU 1 but host-b has 1"):
+        devices.place(str(hostfile), 1, 1, {"host-b": [[1]]})
+    monkeypatch.setattr(devices, "count_local_gpus", lambda: 2)
+    assert devices.place(str(hostfile), 1, 1, {"host-b": [[0]]}) == [Placement("host-b", [0])]
+    assert devices.place(str(tmp_path / "none"), 1, 2) == [Placement("localhost", [0]),
+                                                           Placement("localhost", [1])]
 
 
 def test_replicas_keep_their_compile_caches_under_mii_home(tmp_path, monkeypatch):
@@ -103,3 +156,17 @@ def test_one_address_rule_for_every_role():
     assert [dial_host(h) for h in ("0.0.0.0", "", "::", "10.0.0.5")] == [
         "127.0.0.1", "127.0.0.1", "::1", "10.0.0.5"]
     assert gateway_bind_host("localhost") == "127.0.0.1" and gateway_bind_host("::") == "::"
+
+
+def test_on_another_host_its_own_name_is_not_the_heads(monkeypatch):
+    """A rank on worker-2 (remote_main sets MII_HEAD_HOST): worker-2 is not the head, so
+    the replica there binds every interface; the loopback names still mean the head."""
+    import socket
+
+    from mii_core.deploy.addresses import HEAD_HOST_ENV, is_local, replica_bind_host
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "worker-2")
+    assert is_local("worker-2")
+    monkeypatch.setenv(HEAD_HOST_ENV, "head-1")
+    assert not is_local("worker-2") and replica_bind_host("worker-2") == "0.0.0.0"
+    assert is_local("head-1") and is_local("localhost")
