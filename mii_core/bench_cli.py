@@ -124,7 +124,9 @@ def add_parser(subparsers: Any, func: Callable[[argparse.Namespace], int]) -> No
                    "(default 128)")
     p.add_argument("--new-tokens", type=token_range, default=TokenRange(128, 128),
                    metavar="N|LOW-HIGH", help="tokens to generate per request (default 128)")
-    p.add_argument("--seed", type=int, default=0, help="seed of prompts and lengths (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of prompts, lengths and (with --sample) each request's sampling "
+                        "seed (default 0)")
     p.add_argument("--sample", action="store_true",
                    help="do_sample=True with the default top_p etc. (default: greedy)")
     p.add_argument("--stream", action="store_true",
@@ -257,10 +259,15 @@ def request_spec(settings: BenchSettings, calibration: Calibration, index: int) 
                        new_tokens)
 
 
-def generate_kwargs(settings: BenchSettings, new_tokens: int) -> Dict[str, Any]:
-    """Generate parameters of a request: exact length, greedy unless --sample (then the
-    deployment's defaults: top_p etc. are not set here)."""
-    return {"max_new_tokens": new_tokens, "ignore_eos": True, "do_sample": settings.sample}
+def generate_kwargs(settings: BenchSettings, new_tokens: int, index: int = 0) -> Dict[str, Any]:
+    """Generate parameters of request ``index``: exact length, greedy unless --sample
+    (then the deployment's defaults for top_p etc., and a seed from --seed and the index,
+    so that a sampled bench draws the same tokens when it is run again)."""
+    kwargs: Dict[str, Any] = {"max_new_tokens": new_tokens, "ignore_eos": True,
+                              "do_sample": settings.sample}
+    if settings.sample:
+        kwargs["seed"] = (settings.seed * 1_000_003 + index) % 2 ** 63  # seed's bounds
+    return kwargs
 
 
 def error_kind(error: BaseException) -> str:
@@ -340,7 +347,7 @@ class BenchRun:
 async def _one(client: MIIClient, run: BenchRun, spec: RequestSpec) -> RequestResult:
     settings = run.settings
     result = RequestResult(spec.index, run.now(), target_prompt_tokens=spec.prompt_tokens)
-    kwargs = generate_kwargs(settings, spec.new_tokens)
+    kwargs = generate_kwargs(settings, spec.new_tokens, spec.index)
     try:
         if settings.stream:
             arrivals: List[Tuple[float, int]] = []

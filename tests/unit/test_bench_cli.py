@@ -177,6 +177,13 @@ def test_generate_kwargs_are_exact_length_and_greedy_unless_sampled():
                                                       "do_sample": False}
     sampled = BenchSettings(1, 1, None, TokenRange(1, 1), TokenRange(1, 1), sample=True)
     assert bench_cli.generate_kwargs(sampled, 9)["do_sample"] is True
+    # each sampled request gets its own seed, fixed by --seed and its index
+    seeds = {bench_cli.generate_kwargs(sampled, 9, index)["seed"] for index in range(4)}
+    assert len(seeds) == 4
+    assert bench_cli.generate_kwargs(sampled, 9, 2) == bench_cli.generate_kwargs(sampled, 9, 2)
+    other = BenchSettings(1, 1, None, TokenRange(1, 1), TokenRange(1, 1), sample=True, seed=5)
+    assert bench_cli.generate_kwargs(other, 9, 2)["seed"] != \
+        bench_cli.generate_kwargs(sampled, 9, 2)["seed"]
 
 
 def test_error_kind_names_the_class_and_a_status_code():
