@@ -80,28 +80,17 @@ KV_FIGURES = (
 )
 
 
-def _replica_metrics(entry: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    stats = ReplicaStats.from_dict(entry.get("stats"))
-    return None if stats is None else asdict(stats.metrics)
-
-
-def _replica_kv(entry: Dict[str, Any]) -> Dict[str, Any]:
-    stats = ReplicaStats.from_dict(entry.get("stats"))
-    return stats.kv if stats is not None else {}
-
-
-def _kv_families(replicas: List[Dict[str, Any]]) -> List[Metric]:
-    """Per-replica and aggregated families of the KV cache's figures."""
+def _kv_families(answered: List[Tuple[str, Dict[str, Any]]]) -> List[Metric]:
+    """Per-replica and aggregated families of the KV cache's figures, from (replica
+    label, its ``kv`` stats) of the replicas that answered Info."""
     families: List[Metric] = []
     for key, suffix, counter, doc in KV_FIGURES:
         kind = CounterMetricFamily if counter else GaugeMetricFamily
         per = kind(f"mii_replica_{suffix}", doc, labels=["replica"])
         total = 0
-        for entry in replicas:
-            if _replica_metrics(entry) is None:  # did not answer Info
-                continue
-            value = int(_replica_kv(entry).get(key, 0) or 0)
-            per.add_metric([str(entry.get("index", replicas.index(entry)))], value)
+        for label, kv in answered:
+            value = int(kv.get(key, 0) or 0)
+            per.add_metric([label], value)
             total += value
         families += [per, kind(f"mii_{suffix}", doc + " All replicas.", value=total)]
     return families
@@ -148,13 +137,16 @@ def deployment_families(info: Optional[Dict[str, Any]], deployment: str) -> List
     requests = {outcome: 0 for outcome in OUTCOMES}
     tokens = queue = running = 0
     sums: Dict[str, Optional[_Hist]] = {name: None for name, _ in HISTOGRAMS}
+    answered_kv: List[Tuple[str, Dict[str, Any]]] = []  # (label, kv stats) of those answering
     for entry in replicas:
         label = str(entry.get("index", replicas.index(entry)))
         healthy.add_metric([label], 1 if entry.get("healthy") else 0)
         routed.add_metric([label], int(entry.get("routed", 0)))
-        metrics = _replica_metrics(entry)
-        if metrics is None:  # the replica did not answer Info (restarting, lost)
+        stats = ReplicaStats.from_dict(entry.get("stats"))
+        if stats is None:  # the replica did not answer Info (restarting, lost)
             continue
+        metrics = asdict(stats.metrics)
+        answered_kv.append((label, stats.kv))
         for outcome, count in sorted(metrics.get("requests_total", {}).items()):
             per_requests.add_metric([label, outcome], int(count))
             requests[outcome] = requests.get(outcome, 0) + int(count)
@@ -187,7 +179,7 @@ def deployment_families(info: Optional[Dict[str, Any]], deployment: str) -> List
     families += [replica_count, healthy_count, healthy, routed, per_requests, per_tokens,
                  per_queue, per_running, *per_hist.values(), total_requests, total_tokens,
                  total_queue, total_running]
-    families += _kv_families(replicas)
+    families += _kv_families(answered_kv)
     for name, doc in HISTOGRAMS:
         total = sums[name] or _Hist({"buckets": list(BUCKETS_S),
                                      "counts": [0] * (len(BUCKETS_S) + 1)})
