@@ -68,15 +68,15 @@ class Executor:
         rows = schedule.rows
         ids = [id(seq) for seq in rows]
         if ids != self._params_rows:
-            # launched already counts this step's token: its index is launched - 1.
             self._params = row_params([seq.params for seq in rows], logits.shape[-1],
-                                      logits.device, [seq.launched - 1 for seq in rows])
+                                      logits.device)
             self._params_rows = ids
-        # launched already counts this step's token: EOS is banned while fewer than
-        # min_new_tokens precede it.
+        # launched already counts this step's token (its index is launched - 1): EOS is
+        # banned while fewer than min_new_tokens precede it.
         banned = [seq.eos if seq.launched <= seq.params.min_new_tokens else None
                   for seq in rows]
-        tokens = sample(logits, self._params, banned)
+        indices = [seq.launched - 1 for seq in rows] if self._params.seeded else ()
+        tokens = sample(logits, self._params, banned, indices=indices)
         self._device_tokens = tokens
         self._steps += 1
         return InFlight(list(rows), self._to_host(tokens))

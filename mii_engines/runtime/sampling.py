@@ -12,7 +12,7 @@ A request's ``seed`` fixes its rows' noise per token index (a generator seeded f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -29,18 +29,16 @@ class RowParams:
     top_k: Optional[torch.Tensor]  # [sampled rows, 1]; vocab size where unset
     top_p: Optional[torch.Tensor]  # [sampled rows, 1]; inf where 1.0 (keep every token)
     needs_sort: bool = False
-    seeds: List[Optional[int]] = field(default_factory=list)  # per sampled row
-    offsets: List[int] = field(default_factory=list)  # token index of each one's next draw
+    # (row among the sampled rows, row of the batch, seed) of each row with a seed
+    seeded: List[Tuple[int, int, int]] = field(default_factory=list)
 
 
-def row_params(params: Sequence[GenerateParamsConfig], vocab: int, device: torch.device,
-               offsets: Optional[Sequence[int]] = None) -> RowParams:
-    """Tensors for ``params`` (one entry per running row). ``offsets``: each row's index
-    of the token drawn next (its seeded noise; default 0)."""
+def row_params(params: Sequence[GenerateParamsConfig], vocab: int,
+               device: torch.device) -> RowParams:
+    """Tensors for ``params`` (one entry per running row)."""
     sampled = [i for i, p in enumerate(params) if p.do_sample]
     if not sampled:
         return RowParams(None, None, None, None)
-    offsets = list(offsets) if offsets is not None else [0] * len(params)
     chosen = [params[i] for i in sampled]
     top_k = [min(p.top_k or vocab, vocab) for p in chosen]
     top_p = [p.top_p for p in chosen]
@@ -54,7 +52,8 @@ def row_params(params: Sequence[GenerateParamsConfig], vocab: int, device: torch
                      column([p.temperature or 1.0 for p in chosen], torch.float32),
                      column(top_k, torch.long), column(cut, torch.float32),
                      needs_sort=any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p),
-                     seeds=[p.seed for p in chosen], offsets=[offsets[i] for i in sampled])
+                     seeded=[(k, i, params[i].seed) for k, i in enumerate(sampled)
+                             if params[i].seed is not None])
 
 
 ARGMAX_CHUNK = 4096
@@ -84,10 +83,12 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, rows: RowParams, banned: Sequence[Optional[int]] = (),
-           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+           generator: Optional[torch.Generator] = None,
+           indices: Sequence[int] = ()) -> torch.Tensor:
     """One token per row of ``logits`` [rows, vocab], as a device tensor of int64.
 
     ``banned[i]`` is a token id row i may not produce yet (EOS before min_new_tokens).
+    ``indices[i]``: which of its request's tokens row i draws now (needed for seeded rows).
     """
     ban = [(row, token) for row, token in enumerate(banned) if token is not None]
     if rows.sampled is None and not ban:  # all greedy: the argmax needs no float copy
@@ -112,20 +113,18 @@ def sample(logits: torch.Tensor, rows: RowParams, banned: Sequence[Optional[int]
     probs = torch.softmax(scores, dim=-1)
     # clamp: a zero draw would turn a zero-probability token into 0/0
     noise = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=1e-20)
-    _seeded_noise(noise, rows)
+    _seeded_noise(noise, rows.seeded, indices)
     picked = (probs / noise).argmax(dim=-1)
     if rows.needs_sort:
         picked = order.gather(1, picked[:, None])[:, 0]
     return chosen.index_copy(0, rows.sampled, picked)
 
 
-def _seeded_noise(noise: torch.Tensor, rows: RowParams) -> None:
-    """Overwrite the noise of seeded rows with draws fixed by (seed, token index); every
-    row's token index moves on by one."""
-    for row, seed in enumerate(rows.seeds):
-        if seed is not None:
-            mixed = (seed * 0x9E3779B97F4A7C15 + rows.offsets[row]) % 2 ** 63
-            generator = torch.Generator(noise.device).manual_seed(mixed)
-            noise[row].exponential_(generator=generator).clamp_(min=1e-20)
-    rows.offsets = [offset + 1 for offset in rows.offsets]
+def _seeded_noise(noise: torch.Tensor, seeded: Sequence[Tuple[int, int, int]],
+                  indices: Sequence[int]) -> None:
+    """Overwrite the noise of seeded rows with draws fixed by (seed, token index)."""
+    for noise_row, row, seed in seeded:
+        mixed = (seed * 0x9E3779B97F4A7C15 + indices[row]) % 2 ** 63
+        generator = torch.Generator(noise.device).manual_seed(mixed)
+        noise[noise_row].exponential_(generator=generator).clamp_(min=1e-20)
 
