@@ -88,7 +88,6 @@ def _attend_keys(q, m_i, l_i, acc, k_ptr, v_ptr, table_row_ptr, kv_head, key_sta
     return m_i, l_i, acc
 
 
-# Counts and the window change from step to step: not specialised, so no new compile.
 @triton.jit
 def _write_new_key(new_k_ptr, new_v_ptr, slots_ptr, k_ptr, v_ptr, token, kv_head,
                    stride_nt, stride_nh, stride_block, stride_slot, stride_head,
@@ -128,6 +127,7 @@ def _merge_splits(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, token, first, h
              result.to(out_ptr.dtype.element_ty), mask=rows_ok)
 
 
+# Counts and the window change from step to step: not specialised, so no new compile.
 @triton.jit(do_not_specialize=["num_seqs", "num_tokens", "window"])
 def _decode_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
                    new_k_ptr, new_v_ptr, slots_ptr,
