@@ -576,6 +576,19 @@ def test_survivors_of_the_grace_period_are_killed_descendants_included(env, monk
     assert not registry.pid_alive(tree[0]) and not s._survivors()
 
 
+def replica_printing(env, monkeypatch, capfd, code, done):
+    """A started supervisor whose replica runs ``code``; returns (supervisor, the
+    replica's pid, what it printed) once ``done(printed)`` holds (or after 20 s)."""
+    s = env.supervisor()
+    use_specs(monkeypatch, s, replica_code=code)
+    s.start()
+    deadline, out = time.time() + 20, ""
+    while not done(out) and time.time() < deadline:
+        out += capfd.readouterr().out
+        time.sleep(0.05)
+    return s, s.children["replica-0"].proc.pid, out
+
+
 def test_group_members_and_descendants(env, monkeypatch, capfd):
     code = """
 import subprocess, sys, time
@@ -585,14 +598,7 @@ kids = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]),
 print(" ".join(str(k.pid) for k in kids), flush=True)
 time.sleep(60)
 """
-    s = env.supervisor()
-    use_specs(monkeypatch, s, replica_code=code)
-    s.start()
-    leader = s.children["replica-0"].proc.pid
-    deadline, out = time.time() + 20, ""
-    while not out.strip() and time.time() < deadline:
-        out += capfd.readouterr().out
-        time.sleep(0.05)
+    s, leader, out = replica_printing(env, monkeypatch, capfd, code, str.strip)
     in_group, own_session = (int(p) for p in out.split())
     assert sorted(sup._group_members(leader)) == sorted([leader, in_group])
     assert sorted(sup._descendants(leader)) == sorted([in_group, own_session])
@@ -612,14 +618,8 @@ kid = subprocess.Popen([sys.executable, "-c", inner])
 print(kid.pid, flush=True)
 time.sleep(60)
 """
-    s = env.supervisor()
-    use_specs(monkeypatch, s, replica_code=code)
-    s.start()
-    leader = s.children["replica-0"].proc.pid
-    deadline, out = time.time() + 20, ""
-    while len(out.split()) < 2 and time.time() < deadline:
-        out += capfd.readouterr().out
-        time.sleep(0.05)
+    _, leader, out = replica_printing(env, monkeypatch, capfd, code,
+                                      lambda out: len(out.split()) >= 2)
     assert sorted(sup._descendants(leader)) == sorted(int(p) for p in out.split())
 
 
@@ -634,14 +634,8 @@ second = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 print("kids", first.pid, second.pid, flush=True)
 time.sleep(60)
 """
-    s = env.supervisor()
-    use_specs(monkeypatch, s, replica_code=code)
-    s.start()
-    leader = s.children["replica-0"].proc.pid
-    deadline, out = time.time() + 20, ""
-    while ("kids" not in out or "grandchild" not in out) and time.time() < deadline:
-        out += capfd.readouterr().out
-        time.sleep(0.05)
+    _, leader, out = replica_printing(env, monkeypatch, capfd, code,
+                                      lambda out: "kids" in out and "grandchild" in out)
     words = out.split()
     grandchild = int(words[words.index("grandchild") + 1])
     first, second = (int(w) for w in words[words.index("kids") + 1:][:2])
