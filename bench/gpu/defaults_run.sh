@@ -9,8 +9,9 @@
 # 3. ours with mii.serve(model) defaults, then FastGen, same prompts (workload_bench.py).
 # Env: OURS_CASES, FASTGEN_CASES, SERVE_EXTRA (JSON), SKIP_FASTGEN=1, SKIP_KERNELS=1,
 # SECOND_SERVE=1 (serve the model a second time: ready with the compile caches warm),
-# PROBE_VARIANTS (probe_paged.py), RETRY_EXTRA (a second config if ours fails).
-# Results under $OUT: workload.jsonl, kernels.jsonl, run.log.
+# PROBE_VARIANTS (probe_paged.py), RETRY_EXTRA (a second config if ours fails),
+# LATENCY=1 (latency_bench.py: TTFT, ITL under a long prompt, prefix cache on / off).
+# Results under $OUT: workload.jsonl, latency.jsonl, kernels.jsonl, run.log.
 set -u
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO" || exit 1
@@ -72,6 +73,13 @@ fi
 if [ "${SECOND_SERVE:-0}" = 1 ]; then  # the same model again: compile caches under $MII_HOME
   LABEL=ours_defaults_second SYSTEM=ours CASES=c128 timeout 300 python3 bench/gpu/workload_bench.py
   stamp "second serve done rc=$?"
+fi
+if [ "${LATENCY:-0}" = 1 ]; then  # issue 17's latency cases (latency_bench.py), then prefix off
+  CASES="${LATENCY_CASES:-ttft4k itl_long prefix}" timeout 300 python3 bench/gpu/latency_bench.py 2>&1 | grep -v '^\[' | tail -20
+  stamp "latency done rc=$?"
+  LABEL=no_prefix_cache CASES=prefix SERVE_EXTRA='{"prefix_caching": false}' \
+    timeout 200 python3 bench/gpu/latency_bench.py 2>&1 | grep -v '^\[' | tail -8
+  stamp "latency without prefix cache done rc=$?"
 fi
 grep -h '\[progress\]\|WARNING\|Error' "$MII_HOME"/logs/*.log 2>/dev/null | tail -40
 if [ "${SKIP_FASTGEN:-0}" != 1 ]; then

@@ -113,8 +113,9 @@ class EngineLoop:
             self._process(current)
 
     def _process(self, step: InFlight) -> None:
-        now = time.time()
-        for seq, token in zip(step.rows, self.executor.read(step)):
+        tokens = self.executor.read(step)  # waits for the step's device work
+        now = time.time()  # after the wait: token times (TTFT, ITL) include the step itself
+        for seq, token in zip(step.rows, tokens):
             self.outputs.token(seq, token, now)
 
     def _end_all(self, why: str) -> None:

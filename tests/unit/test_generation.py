@@ -3,13 +3,21 @@ passes, no timings."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
-from engine_helpers import GREEDY, PROMPTS, Collector, load, loop_for, make_loop, run, running
+from engine_helpers import (GREEDY, PROMPTS, Collector, load, loop_for, make_loop, run, running,
+                            setup)
 
 from mii_core.config.models import GenerateParamsConfig
 from mii_core.errors import InvalidGenerateParams, ServerOverloaded
+from mii_core.routing.stats import ServingMetrics
+from mii_engines.runtime.executor import Executor
+from mii_engines.runtime.intake import Intake
+from mii_engines.runtime.loop import EngineLoop
+from mii_engines.runtime.output import Outputs
+from mii_engines.runtime.scheduler import Budgets, Scheduler
 
 KINDS = ["dynamic", "static-pipelined", "paged", "paged-pipelined"]
 
@@ -257,3 +265,32 @@ def test_rows_leave_and_join(generator, reference):
         sinks.append(sink)
     assert all(sink.done.wait(60) for sink in sinks)
     assert [sink.texts()[0] for sink in sinks] == expected
+
+
+class _SlowReadExecutor(Executor):
+    """An executor whose token reads wait ``delay`` seconds, as reading a GPU step's
+    tokens waits for the step."""
+
+    delay = 0.3
+
+    def read(self, step):
+        time.sleep(self.delay)
+        return super().read(step)
+
+
+def test_token_times_include_the_wait_for_the_step(loaded):
+    """TTFT and inter-token latency are taken once a step's tokens are read, not when the
+    host starts waiting for them (on a GPU that wait is the step's forward)."""
+    kv = setup(loaded, "dynamic", max_batch_size=4)
+    metrics = ServingMetrics()
+    loop = EngineLoop(Intake(loaded.tokenizer, loaded.context_length, kv.space.max_tokens(), 0),
+                      Scheduler(kv.space, 4, Budgets()),
+                      _SlowReadExecutor(kv.state, loaded.device, 4),
+                      Outputs(loaded.tokenizer, metrics), max_queue_size=4)
+    with running(loop):
+        sink = run(loop, ["DeepSpeed is"], do_sample=False, max_new_tokens=3, ignore_eos=True)
+    final = sink.final(0)
+    assert final.time_to_first_token_s >= _SlowReadExecutor.delay
+    assert final.total_time_s >= 3 * _SlowReadExecutor.delay
+    assert metrics.inter_token_latency.count == 2
+    assert metrics.inter_token_latency.total >= 2 * _SlowReadExecutor.delay
