@@ -11,8 +11,9 @@
   the whole run and p50 / p99 / max of the gaps that end while the long prompt is being
   prefilled (its arrival to its first token, + 50 ms).
 - ``prefix``: one request computes a 2,048-token prefix, then 64 concurrent requests of
-  that prefix + 64 own tokens (16 new); replica-side TTFT p50 / p90, and the greedy
-  texts' digest (the same with ``prefix_caching`` off means identical tokens).
+  that prefix + 64 own tokens (16 new), twice; replica-side TTFT p50 / p90 and each
+  greedy text's digest (compare them with a ``prefix_caching: false`` run; the second
+  round shows how often the same requests agree with themselves in another batch).
 
 Prompts are the anchors' words (one token each, as in ``workload_bench.py``). Results:
 one line per case in $OUT/latency.jsonl.
@@ -70,8 +71,16 @@ async def ttft4k(client) -> None:
             if chunk.finish_reason not in ("none", ""):
                 replica.append(chunk.time_to_first_token_s)
         seen.append(first)
+    from transformers import AutoTokenizer  # what the replica spends before arrival
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    t0 = time.perf_counter()
+    for rep in range(10):
+        tokenizer(words(100 + rep, 4000))
+    tokenize = (time.perf_counter() - t0) / 10
     log(case="ttft4k", prompt_tokens=4000, reps=10, replica_ttft_p50_ms=ms(pct(replica, 50)),
-        replica_ttft_min_ms=ms(min(replica)), client_ttft_p50_ms=ms(pct(seen, 50)))
+        replica_ttft_min_ms=ms(min(replica)), client_ttft_p50_ms=ms(pct(seen, 50)),
+        client_ttft_min_ms=ms(min(seen)), tokenize_ms=ms(tokenize))
 
 
 async def itl_long(client) -> None:
@@ -118,15 +127,19 @@ async def prefix(client) -> None:
     shared = words(42, 2048)
     await client.agenerate(shared + " " + words(43, 64), max_new_tokens=16, ignore_eos=True)
     texts = [shared + " " + words(2000 + i, 64) for i in range(64)]
-    t0 = time.perf_counter()
-    out = await asyncio.gather(*(client.agenerate(t, max_new_tokens=16, ignore_eos=True)
-                                 for t in texts))
-    wall = time.perf_counter() - t0
-    ttfts = [r[0].time_to_first_token_s for r in out]
-    digest = hashlib.sha256("\x00".join(r[0].generated_text for r in out).encode()).hexdigest()
-    log(case="prefix", requests=64, prefix_tokens=2048, own_tokens=64,
-        ttft_p50_ms=ms(pct(ttfts, 50)), ttft_p90_ms=ms(pct(ttfts, 90)), wall_s=round(wall, 3),
-        texts_sha256=digest[:16])
+    rounds = []
+    for round_ in range(2):  # the second round: the same requests again (a control)
+        t0 = time.perf_counter()
+        out = await asyncio.gather(*(client.agenerate(t, max_new_tokens=16, ignore_eos=True)
+                                     for t in texts))
+        wall = time.perf_counter() - t0
+        ttfts = [r[0].time_to_first_token_s for r in out]
+        digests = [hashlib.sha256(r[0].generated_text.encode()).hexdigest()[:8] for r in out]
+        rounds.append(digests)
+        log(case="prefix", round=round_, requests=64, prefix_tokens=2048, own_tokens=64,
+            ttft_p50_ms=ms(pct(ttfts, 50)), ttft_p90_ms=ms(pct(ttfts, 90)),
+            wall_s=round(wall, 3), digests=digests,
+            same_as_round0=sum(a == b for a, b in zip(rounds[0], digests)))
 
 
 CASES = {"ttft4k": ttft4k, "itl_long": itl_long, "prefix": prefix}
