@@ -1,6 +1,7 @@
 """``MIIClient``: talks to a persistent deployment, as DeepSpeed-MII's client does.
 
-Generate parameters and prompts are validated here, before anything is sent.
+Generate parameters, prompts (against the deployment's request limits) and timeouts are
+validated here, before anything is sent.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Union
 
 from mii_core.api.response import Response
-from mii_core.config.kwargs import check_prompts, parse_generate_kwargs
+from mii_core.config.kwargs import check_prompts, check_timeout, parse_generate_kwargs
 from mii_core.config.models import MIIConfig
 from mii_core.deploy import registry
 from mii_core.errors import DeploymentUnavailable, InvalidGenerateParams
@@ -21,8 +22,10 @@ Prompts = Union[str, List[str]]
 class MIIClient:
     """Client of the deployment described by ``mii_config``, reached at ``host``.
 
-    ``port`` defaults to ``mii_config.port_number``; ``timeout`` (seconds) bounds
-    every call unless a call passes its own; ``token`` (default: the config's
+    ``port`` defaults to ``mii_config.port_number``; ``timeout`` (seconds, at most
+    ``MAX_TIMEOUT_S``; None: no deadline) bounds every call unless a call passes its
+    own; requests beyond the config's ``max_prompts_per_request`` / ``max_request_bytes``
+    are refused here, before they are sent; ``token`` (default: the config's
     ``auth_token``, then ``$MII_AUTH_TOKEN``) authenticates every call;
     ``tls_root_cert`` (default: the config's ``tls_cert_file``) turns on TLS.
     """
@@ -34,7 +37,7 @@ class MIIClient:
         self.task = mii_config.model_conf.task
         self.host = host
         self.port = port or mii_config.port_number
-        self.timeout = timeout
+        self.timeout = check_timeout(timeout)
         transport = load_driver("transport", mii_config.transport)()
         token = token or mii_config.auth_token or os.environ.get("MII_AUTH_TOKEN") or None
         tls_root_cert = tls_root_cert or mii_config.tls_cert_file
@@ -51,6 +54,13 @@ class MIIClient:
             raise DeploymentUnavailable(f"deployment {self.deployment_name!r} is not running: "
                                         "it was terminated by this client")
 
+    def _prompts(self, prompts: Prompts) -> List[str]:
+        return check_prompts(prompts, self.mii_config)
+
+    def _timeout(self, timeout: Optional[float]) -> Optional[float]:
+        """A call's own timeout (checked), else the client's."""
+        return self.timeout if timeout is None else check_timeout(timeout)
+
     def __call__(self, *args: Any, **kwargs: Any) -> List[Response]:
         """Same as :meth:`generate`."""
         return self.generate(*args, **kwargs)
@@ -66,10 +76,11 @@ class MIIClient:
         returns None there).
         """
         self._check_open()
-        prompts = check_prompts(prompts)
+        prompts = self._prompts(prompts)
         params = parse_generate_kwargs(generate_kwargs)
+        timeout = self._timeout(timeout)
         if streaming_fn is None:
-            return self._conn.generate(prompts, params, timeout or self.timeout)
+            return self._conn.generate(prompts, params, timeout)
         if len(prompts) > 1:
             raise InvalidGenerateParams("streaming_fn: streaming supports a single prompt; "
                                         f"got {len(prompts)} prompts")
@@ -80,28 +91,29 @@ class MIIClient:
         """Iterate over incremental Responses (``.index`` names the prompt; the last
         Response of each prompt has its ``finish_reason`` set)."""
         self._check_open()
-        prompts = check_prompts(prompts)
-        return self._stream(prompts, parse_generate_kwargs(generate_kwargs), timeout)
+        prompts = self._prompts(prompts)
+        return self._stream(prompts, parse_generate_kwargs(generate_kwargs),
+                            self._timeout(timeout))
 
     def _stream(self, prompts: List[str], params, timeout: Optional[float]) -> Iterator[Response]:
         params = params.model_copy(update={"stream": True})
-        return self._conn.stream(prompts, params, timeout or self.timeout)
+        return self._conn.stream(prompts, params, timeout)
 
     async def agenerate(self, prompts: Prompts, timeout: Optional[float] = None,
                         **generate_kwargs: Any) -> List[Response]:
         """:meth:`generate` for asyncio code."""
         self._check_open()
-        prompts = check_prompts(prompts)
+        prompts = self._prompts(prompts)
         return await self._conn.agenerate(prompts, parse_generate_kwargs(generate_kwargs),
-                                          timeout or self.timeout)
+                                          self._timeout(timeout))
 
     async def astream(self, prompts: Prompts, timeout: Optional[float] = None,
                       **generate_kwargs: Any) -> AsyncIterator[Response]:
         """:meth:`stream` for asyncio code."""
         self._check_open()
-        prompts = check_prompts(prompts)
+        prompts = self._prompts(prompts)
         params = parse_generate_kwargs(generate_kwargs).model_copy(update={"stream": True})
-        async for chunk in self._conn.astream(prompts, params, timeout or self.timeout):
+        async for chunk in self._conn.astream(prompts, params, self._timeout(timeout)):
             yield chunk
 
     def info(self) -> Dict[str, Any]:

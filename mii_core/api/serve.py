@@ -16,7 +16,7 @@ import time
 from typing import Any, Dict, List, Mapping, Optional
 
 from mii_core.api.client import MIIClient
-from mii_core.config.kwargs import parse_serve_kwargs
+from mii_core.config.kwargs import REQUEST_LIMITS, parse_serve_kwargs
 from mii_core.config.models import MIIConfig, default_deployment_name
 from mii_core.deploy import devices, logs, registry
 from mii_core.deploy.model_source import (check_model_limits, check_tensor_parallel,
@@ -249,8 +249,11 @@ def _remote_client(host: str, port: int, token: Optional[str],
     probe = MIIClient(MIIConfig(model_config={"model_name_or_path": "remote"}), host, port,
                       token=token, tls_root_cert=tls_root_cert)
     info: Dict[str, Any] = probe.info()
+    limits = info.get("limits") if isinstance(info.get("limits"), dict) else {}
     config = MIIConfig(deployment_name=info.get("deployment", f"{host}:{port}"),
                        port_number=port, scheduler=info.get("scheduler", "round_robin"),
                        model_config={"model_name_or_path": info.get("model", "remote"),
-                                     "engine": info.get("engine", "auto")})
+                                     "engine": info.get("engine", "auto")},
+                       # the servers' request limits, so that this client checks the same
+                       **{k: limits[k] for k in REQUEST_LIMITS if isinstance(limits.get(k), int)})
     return MIIClient(config, host, port, token=token, tls_root_cert=tls_root_cert)

@@ -12,6 +12,7 @@ from typing import Any, Iterable, Mapping, Optional
 from pydantic import BaseModel, ValidationError
 
 from mii_core.config.models import GenerateParamsConfig, MIIConfig, ModelConfig
+from mii_core.constants import MAX_TIMEOUT_S
 from mii_core.errors import ConfigError, InvalidGenerateParams, UnknownArgument
 
 # Fields the server fills in; accepting them from users would only mislead.
@@ -117,8 +118,34 @@ def parse_generate_kwargs(kwargs: Mapping[str, Any]) -> GenerateParamsConfig:
         raise InvalidGenerateParams(describe_validation_error(error)) from None
 
 
-def check_prompts(prompts: Any) -> list[str]:
-    """Accept one string or a non-empty list of strings; name the bad item otherwise."""
+# The MIIConfig fields that bound one request; servers report them in Info so that a
+# client that knows a deployment only by address checks what the servers check.
+REQUEST_LIMITS = ("max_request_bytes", "max_prompts_per_request", "max_queue_size")
+
+
+def request_limits(config: MIIConfig) -> dict[str, int]:
+    """``config``'s REQUEST_LIMITS fields by name."""
+    return {name: getattr(config, name) for name in REQUEST_LIMITS}
+
+
+def check_prompt_count(count: int, limits: MIIConfig) -> None:
+    """Refuse a request of more prompts than ``limits`` (a deployment's MIIConfig) accept:
+    ``max_prompts_per_request``, or ``max_queue_size`` when that is smaller (such a
+    request could never be queued)."""
+    field, limit = min(("max_prompts_per_request", limits.max_prompts_per_request),
+                       ("max_queue_size", limits.max_queue_size), key=lambda item: item[1])
+    if count > limit:
+        raise InvalidGenerateParams(
+            f"prompts: {count} prompts in one request; the deployment accepts at most "
+            f"{limit} ({field}={limit}); send them in several requests")
+
+
+def check_prompts(prompts: Any, limits: Optional[MIIConfig] = None) -> list[str]:
+    """Accept one string or a non-empty list of strings; name the bad item otherwise.
+
+    With ``limits`` (the deployment's MIIConfig) also refuse more prompts than it
+    accepts (counted before any prompt is looked at) or more than ``max_request_bytes``
+    of UTF-8 text in all (refused at the prompt that crosses it)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)):
@@ -126,6 +153,9 @@ def check_prompts(prompts: Any) -> list[str]:
             f"prompts: expected a string or a list of strings, got {type(prompts).__name__}")
     if not prompts:
         raise InvalidGenerateParams("prompts: the list of prompts is empty")
+    if limits is not None:
+        check_prompt_count(len(prompts), limits)
+    size = 0
     for index, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise InvalidGenerateParams(
@@ -133,8 +163,30 @@ def check_prompts(prompts: Any) -> list[str]:
         if not prompt:
             raise InvalidGenerateParams(f"prompts[{index}]: the prompt is empty")
         try:
-            prompt.encode("utf-8")
+            size += len(prompt.encode("utf-8"))
         except UnicodeEncodeError as error:
             raise InvalidGenerateParams(f"prompts[{index}]: not encodable as UTF-8 ({error.reason} "
                                         f"at position {error.start})") from None
+        if limits is not None and size > limits.max_request_bytes:
+            raise InvalidGenerateParams(
+                f"prompts: the request holds more than {limits.max_request_bytes} bytes of "
+                f"prompt text (UTF-8) by prompts[{index}]; the deployment accepts at most "
+                f"max_request_bytes={limits.max_request_bytes} per request; send the prompts "
+                "in several requests or shorten them")
     return list(prompts)
+
+
+def check_timeout(timeout: Any, field: str = "timeout") -> Optional[float]:
+    """``timeout`` (seconds) if it is None or a finite number in (0, MAX_TIMEOUT_S];
+    InvalidGenerateParams naming ``field`` otherwise (grpc would fail an infinite, NaN,
+    negative or overflowing deadline at once as DEADLINE_EXCEEDED)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise InvalidGenerateParams(f"{field}: expected a number of seconds, "
+                                    f"got {type(timeout).__name__}")
+    if not 0 < timeout <= MAX_TIMEOUT_S:  # false for NaN too; no float() of a huge int
+        raise InvalidGenerateParams(f"{field}: expected seconds > 0 and at most "
+                                    f"{MAX_TIMEOUT_S:g}, got {timeout!r}; pass None for no "
+                                    "deadline")
+    return float(timeout)

@@ -22,6 +22,7 @@ from mii_core.constants import (
     DEFAULT_TRANSPORT,
     DeploymentType,
     TaskType,
+    WIRE_INT_MAX,
 )
 
 DEVICE_MAP_DEFAULT = "auto"
@@ -42,12 +43,13 @@ class GenerateParamsConfig(_Strict):
 
     prompt_length: int = Field(0, ge=0)
     """Tokens in the prompt; filled in by the server (the client refuses it as an argument)."""
-    max_length: Optional[int] = Field(None, gt=0)
+    max_length: Optional[int] = Field(None, gt=0, le=WIRE_INT_MAX)
     """Maximum of prompt tokens + generated tokens; None: the served context
-    (``ModelConfig.max_length``, else the model's), as DeepSpeed-MII's server fills it."""
-    max_new_tokens: Optional[int] = Field(None, gt=0)
+    (``ModelConfig.max_length``, else the model's), as DeepSpeed-MII's server fills it.
+    At most 2**63 - 1, as every integer parameter (the wire carries them as int64)."""
+    max_new_tokens: Optional[int] = Field(None, gt=0, le=WIRE_INT_MAX)
     """Maximum number of generated tokens; the smaller of this and what ``max_length`` leaves applies."""
-    min_new_tokens: int = Field(0, ge=0)
+    min_new_tokens: int = Field(0, ge=0, le=WIRE_INT_MAX)
     """Minimum number of generated tokens before EOS or a stop string may end generation."""
     stream: bool = False
     """Stream output (set by the client's streaming calls)."""
@@ -57,13 +59,13 @@ class GenerateParamsConfig(_Strict):
     """Prepend the prompt to the generated text."""
     do_sample: bool = True
     """Sample; ``False`` means greedy decoding."""
-    top_p: float = Field(0.9, gt=0, le=1)
+    top_p: float = Field(0.9, gt=0, le=1, allow_inf_nan=False)
     """Nucleus sampling probability mass."""
-    top_k: Optional[int] = Field(None, gt=0)
+    top_k: Optional[int] = Field(None, gt=0, le=WIRE_INT_MAX)
     """Sample among the k most likely tokens."""
-    temperature: Optional[float] = Field(None, gt=0)
-    """Softmax temperature."""
-    seed: Optional[int] = Field(None, ge=0, lt=2 ** 63)
+    temperature: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
+    """Softmax temperature (finite)."""
+    seed: Optional[int] = Field(None, ge=0, le=WIRE_INT_MAX)
     """Seed of this request's sampling (a mii extension): the same seed draws the same
     random numbers at the same token index, so a request served alone reproduces its
     tokens on the same hardware. None: unseeded."""
@@ -249,7 +251,25 @@ class MIIConfig(_Strict):
     startup_timeout: float = Field(600.0, gt=0)
     """Seconds serve() waits for the deployment to answer. (mii extension)"""
     max_queue_size: int = Field(1024, gt=0)
-    """Requests a replica accepts before answering RESOURCE_EXHAUSTED. (mii extension)"""
+    """Prompts a replica holds waiting (being tokenized, queued, or waiting for a batch
+    slot) before it answers RESOURCE_EXHAUSTED; prompts count, not requests, so one request
+    of many prompts takes as much room as as many requests. A request of more prompts than
+    this could never be queued and is refused at once (INVALID_ARGUMENT). (mii extension)"""
+    # A 128k-token context holds about 0.5 MiB of English text (~4 bytes a token) and a
+    # 1M-token one about 4 MiB: 8 MiB is twice the longest context served today, or 8 KiB a
+    # prompt for a full batch of max_prompts_per_request. A replica tokenizes what it is
+    # sent before it knows the token count (with the tiny test model's tokenizer ~1.8 s of
+    # one core and ~0.2 GiB of peak memory a MiB), so this bounds what one request can cost
+    # before it is refused. The upper bounds keep the servers' gRPC message limit (this +
+    # 16 bytes a prompt + 1 MiB) inside grpc's int32 option.
+    max_request_bytes: int = Field(8 * 2 ** 20, gt=0, le=2 ** 30)
+    """Bytes of prompt text (UTF-8, all prompts together) one request may carry; checked
+    by the client, the load balancer and the replica before anything is tokenized, and
+    sets the servers' gRPC message limit (this plus room for parameters). (mii extension)"""
+    max_prompts_per_request: int = Field(1024, gt=0, le=2 ** 20)
+    """Prompts one request may carry (the smaller of this and ``max_queue_size`` applies);
+    checked by the client, the load balancer and the replica before anything is
+    tokenized. (mii extension)"""
     auth_token: Optional[str] = None
     """Shared secret every call must carry (gRPC metadata / HTTP bearer); None: no check.
     Kept in the registry record (mode 0600) so ``mii.client(name)`` reconnects. (mii extension)"""

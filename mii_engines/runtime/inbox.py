@@ -1,10 +1,13 @@
 """Where transport threads hand requests to rank 0's loop thread.
 
-``submit`` runs on a transport thread: it tokenizes (``intake.py``), runs the
-``mii_request_started`` hook (which may reject), applies the queue limit and queues
-the request. The loop thread takes everything queued at a step boundary (``take``),
-so the scheduler is only ever touched by the loop. Cancels and ``stop`` wake the
-loop; an idle loop sends the other ranks a heartbeat every ``IDLE_HEARTBEAT_S``.
+``submit`` runs on a transport thread: it applies the queue limit, counted in prompts
+(room for the request's prompts is reserved before tokenizing, so a request the queue
+cannot take costs no tokenizing, and requests being tokenized at once cannot overfill
+it), tokenizes (``intake.py``), runs the ``mii_request_started`` hook (which may
+reject) and queues the request. The loop thread takes everything queued at a step
+boundary (``take``), so the scheduler is only ever touched by the loop. Cancels and
+``stop`` wake the loop; an idle loop sends the other ranks a heartbeat every
+``IDLE_HEARTBEAT_S``.
 """
 from __future__ import annotations
 
@@ -56,26 +59,30 @@ class Inbox:
         self.on_started = on_started
         self.accepted = 0
         self._queue: Deque[Request] = deque()
+        self._reserved = 0  # prompts of requests being tokenized
         self._cond = threading.Condition()
         self._stopping = self._cancelled = False
         self._ids = itertools.count(1)
 
     def submit(self, prompts: List[str], params: GenerateParamsConfig,
                sink: Callable[[TokenEvent], None], waiting: Callable[[], int]) -> RequestHandle:
-        """Tokenize and queue a request; ``waiting()`` counts prompts the scheduler holds.
-        Raises InvalidGenerateParams / ServerOverloaded / DeploymentUnavailable."""
+        """Reserve room, tokenize and queue a request; ``waiting()`` counts prompts the
+        scheduler holds. Raises InvalidGenerateParams / ServerOverloaded /
+        DeploymentUnavailable."""
         try:
-            request = self.intake.request(next(self._ids), prompts, params, sink)
-            if self.on_started:  # before queueing: a hook that raises rejects the request
-                self.on_started(request.info)
-            with self._cond:
+            self._reserve(len(prompts), waiting)
+            try:
+                request = self.intake.request(next(self._ids), prompts, params, sink)
+                if self.on_started:  # before queueing: a hook that raises rejects the request
+                    self.on_started(request.info)
+            except BaseException:
+                with self._cond:
+                    self._reserved -= len(prompts)
+                raise
+            with self._cond:  # the reservation becomes the queued request at once
+                self._reserved -= len(prompts)
                 if self._stopping:
                     raise DeploymentUnavailable("the replica is shutting down")
-                queued = waiting() + self.pending_prompts()
-                if queued + len(prompts) > self.max_queue_size:
-                    raise ServerOverloaded(f"the replica's queue is full ({queued} prompts "
-                                           f"waiting, max_queue_size={self.max_queue_size}); "
-                                           "retry later")
                 self._queue.append(request)
                 self.accepted += 1
                 self._cond.notify()
@@ -84,9 +91,20 @@ class Inbox:
             raise
         return RequestHandle(self, request)
 
+    def _reserve(self, count: int, waiting: Callable[[], int]) -> None:
+        with self._cond:
+            if self._stopping:
+                raise DeploymentUnavailable("the replica is shutting down")
+            queued = waiting() + self.pending_prompts()
+            if queued + count > self.max_queue_size:
+                raise ServerOverloaded(f"the replica's queue is full ({queued} prompts waiting, "
+                                       f"max_queue_size={self.max_queue_size}) for the "
+                                       f"request's {count}; retry later")
+            self._reserved += count
+
     def pending_prompts(self) -> int:
-        """Prompts submitted and not yet taken by the loop."""
-        return sum(len(r.sequences) for r in list(self._queue))
+        """Prompts submitted and not yet taken by the loop (being tokenized or queued)."""
+        return self._reserved + sum(len(r.sequences) for r in list(self._queue))
 
     def stop(self) -> None:
         """Refuse new requests and wake the loop so that it ends."""

@@ -1,7 +1,8 @@
 """Turning a submitted request into sequences: tokenize, check lengths, build them.
 
-Runs on the transport's thread (not the loop's): tokenizing a long prompt costs time
-that the engine loop should not wait for.
+Runs on a transport thread (the gRPC server's intake threads), neither on the engine
+loop's nor on the transport's event loop: tokenizing a long prompt costs seconds that
+neither the batch nor other callers' health checks should wait for.
 """
 from __future__ import annotations
 

@@ -14,7 +14,9 @@ from mii.errors import (
     PluginError,
     UnknownArgument,
 )
+from mii_core.config.models import GenerateParamsConfig
 from mii_core.deploy import registry
+from mii_transport.grpc.codec import request_to_proto
 
 LONG_PROMPT = " ".join(["word"] * 700)  # beyond the tiny model's 512 positions
 CONTEXT = 512  # the tiny model's max_position_embeddings
@@ -48,6 +50,12 @@ GENERATE_CASES = [
     ("max_new_tokens float", {"max_new_tokens": 1.5}, "hi", InvalidGenerateParams, "max_new_tokens"),
     ("max_new_tokens huge", {"max_new_tokens": 10**12, "max_length": 10**12, **GREEDY},
      LONG_PROMPT[:40], None, fills_the_context),
+    ("max_new_tokens beyond int64", {"max_new_tokens": 2**70}, "hi", InvalidGenerateParams,
+     "max_new_tokens: Input should be less than or equal to 9223372036854775807"),
+    ("temperature infinite", {"temperature": float("inf")}, "hi", InvalidGenerateParams,
+     "temperature: Input should be a finite number"),
+    ("timeout infinite", {"timeout": float("inf")}, "hi", InvalidGenerateParams, "timeout: "),
+    ("timeout 1e10", {"timeout": 1e10}, "hi", InvalidGenerateParams, "timeout: "),
     ("max_length zero", {"max_length": 0}, "hi", InvalidGenerateParams, "max_length"),
     ("max_length negative", {"max_length": -3}, "hi", InvalidGenerateParams, "max_length"),
     ("max_length below prompt", {"max_length": 2}, "a prompt of several tokens",
@@ -83,6 +91,10 @@ GENERATE_CASES = [
     ("whitespace prompt (served)", {"max_new_tokens": 3, **GREEDY}, "   ", None, three_tokens),
     ("huge batch (served)", {"max_new_tokens": 1, **GREEDY}, ["hi"] * 500, None,
      one_token_each_in_order),
+    ("more prompts than a request may carry", {}, ["hi"] * 1025, InvalidGenerateParams,
+     "max_prompts_per_request=1024"),
+    ("10 MiB prompt", {}, "x" * (10 * 2**20), InvalidGenerateParams,
+     "max_request_bytes=8388608"),
 ]
 
 
@@ -106,14 +118,37 @@ def test_streaming_fn_with_two_prompts(deployment):
         deployment(["a", "b"], streaming_fn=print)
 
 
-def test_undecodable_bytes_on_the_wire_do_not_hurt_the_server(deployment):
-    raw = bytes([0x0A, 0x02, 0xC3, 0x28])  # field 1 (prompts) holding invalid UTF-8
+def raw_generate(deployment, body: bytes) -> grpc.RpcError:
+    """Send ``body`` as a Generate request to the load balancer, skipping the client's
+    checks; the error it answers."""
     with grpc.insecure_channel(f"127.0.0.1:{deployment.port}") as channel:
-        call = channel.unary_unary("/mii.MIIService/Generate", request_serializer=lambda b: b,
-                                   response_deserializer=lambda b: b)
-        with pytest.raises(grpc.RpcError):
-            call(raw)
+        call = channel.unary_unary("/mii.MIIService/Generate")
+        with pytest.raises(grpc.RpcError) as caught:
+            call(body, timeout=30)
+    return caught.value
+
+
+def test_undecodable_bytes_on_the_wire_are_invalid_argument(deployment):
+    error = raw_generate(deployment, bytes([0x0A, 0x02, 0xC3, 0x28]))  # prompts[0]: bad UTF-8
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "could not be decoded" in error.details()
     assert deployment("DeepSpeed is", max_new_tokens=2, **GREEDY)[0].generated_length == 2
+
+
+def test_the_load_balancer_refuses_too_many_prompts_itself(deployment):
+    """A client that skips mii's checks: refused by the load balancer, before a replica
+    sees (and would tokenize) the request."""
+    body = request_to_proto(["hi"] * 100_000, GenerateParamsConfig()).SerializeToString()
+
+    def outcomes():  # of each replica: requests ok, cancelled, rejected (refused), error
+        return [r["stats"]["metrics"]["requests_total"] for r in deployment.info()["replicas"]]
+
+    before = outcomes()
+    error = raw_generate(deployment, body)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "100000 prompts in one request" in error.details()
+    assert "max_prompts_per_request=1024" in error.details()
+    assert outcomes() == before
 
 
 SERVE_CASES = [

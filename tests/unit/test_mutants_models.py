@@ -40,6 +40,7 @@ MII_DEFAULTS = {
     "startup_timeout": 600.0, "max_queue_size": 1024, "auth_token": None,
     "tls_cert_file": None, "tls_key_file": None, "version": 1,
     "instance_type": "Standard_NC12s_v3", "max_restarts": 3,
+    "max_request_bytes": 8 * 2 ** 20, "max_prompts_per_request": 1024,
 }
 REPLICA_DEFAULTS = {"hostname": "", "tensor_parallel_ports": [], "torch_dist_port": None,
                     "gpu_indices": [], "zmq_port": None}
@@ -68,6 +69,13 @@ EDGES = [
     (GenerateParamsConfig, "top_p", 1e-6, 0.0),
     (GenerateParamsConfig, "top_k", 1, 0),
     (GenerateParamsConfig, "temperature", 1e-6, 0.0),
+    (GenerateParamsConfig, "max_length", 2 ** 63 - 1, 2 ** 63),
+    (GenerateParamsConfig, "max_new_tokens", 2 ** 63 - 1, 2 ** 63),
+    (GenerateParamsConfig, "min_new_tokens", 2 ** 63 - 1, 2 ** 63),
+    (GenerateParamsConfig, "top_k", 2 ** 63 - 1, 2 ** 63),
+    (GenerateParamsConfig, "seed", 2 ** 63 - 1, 2 ** 63),
+    (GenerateParamsConfig, "seed", 0, -1),
+    (GenerateParamsConfig, "temperature", 1e300, float("inf")),
     (ModelConfig, "tensor_parallel", 1, 0),
     (ModelConfig, "torch_dist_port", 1, 0),
     (ModelConfig, "torch_dist_port", 65535, 65536),
@@ -86,6 +94,10 @@ EDGES = [
     (MIIConfig, "restful_processes", 1, 0),
     (MIIConfig, "startup_timeout", 1e-6, 0.0),
     (MIIConfig, "max_queue_size", 1, 0),
+    (MIIConfig, "max_request_bytes", 1, 0),
+    (MIIConfig, "max_request_bytes", 2 ** 30, 2 ** 30 + 1),
+    (MIIConfig, "max_prompts_per_request", 1, 0),
+    (MIIConfig, "max_prompts_per_request", 2 ** 20, 2 ** 20 + 1),
     (MIIConfig, "max_restarts", 0, -1),
 ]
 
