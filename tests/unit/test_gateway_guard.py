@@ -302,3 +302,17 @@ def test_a_timeout_in_range_is_passed_to_the_client(gateway, monkeypatch):
         assert reply.status_code == 200, reply.text
     assert seen == [86400.0, 0.25]
 
+
+def test_a_value_beyond_the_wire_format_is_400_naming_the_field(gateway):
+    """Values that GenerateParamsConfig refuses (e.g. beyond the int64 the wire carries)
+    are refused before any call, in either route's names; not a 500 from protobuf."""
+    cases = [("/mii/" + NAME, {"prompts": "hi", "max_new_tokens": 2 ** 70}, "max_new_tokens"),
+             ("/mii/" + NAME, {"prompts": "hi", "max_length": 2 ** 64}, "max_length"),
+             ("/mii/" + NAME, {"prompts": "hi", "top_k": 2 ** 70}, "top_k"),
+             ("/v1/completions", {"model": NAME, "prompt": "hi", "max_tokens": 2 ** 70},
+              "max_tokens"),
+             ("/v1/completions", {"model": NAME, "prompt": "hi", "top_k": 2 ** 70}, "top_k")]
+    for path, body, field in cases:
+        reply = gateway.post(path, json.dumps(body).encode())
+        assert reply.status_code == 400, (body, reply.text)
+        assert reply.json()["error"]["param"] == field, reply.text
