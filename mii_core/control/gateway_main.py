@@ -21,15 +21,16 @@ def main(argv: list[str] | None = None) -> int:
     record = lifecycle.start_child("rest-gateway", args[0])
     if record is None:
         return 2
-    import uvicorn
-
     from mii_core.api.client import MIIClient
     from mii_core.gateway import create_app
+    from mii_core.gateway.limits import GatewayLimits
+    from mii_core.gateway.server import uvicorn_server
 
     config = record.mii_config
     host = dial_host(record.host)
     client = MIIClient(config, host=host, port=record.port)
-    app = create_app(config, client)
+    limits = GatewayLimits()  # the defaults: MIIConfig has no fields for these (yet)
+    app = create_app(config, client, limits)
     bind = gateway_bind_host(config.restful_api_host)
     if bind not in ("127.0.0.1", "::1") and not getattr(config, "auth_token", None):
         log.warning("the REST gateway binds %s without auth_token: anyone who can reach it "
@@ -37,9 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("[progress] REST gateway on http://%s:%d (deployment %s on port %d; at most %d "
              "requests in flight)", bind, config.restful_api_port, config.deployment_name,
              record.port, config.restful_processes)
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=bind, port=config.restful_api_port, log_level="warning", access_log=False,
-        lifespan="on", timeout_graceful_shutdown=2, backlog=2048))
+    server = uvicorn_server(app, bind, config.restful_api_port, limits)
     server.run()
     # uvicorn returns (rather than raising) when it cannot bind; say so in the exit status.
     return 0 if server.started else 1

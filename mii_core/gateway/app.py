@@ -34,11 +34,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.responses import Response as HTTPResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from mii_core import errors
 from mii_core.api.client import MIIClient
+from mii_core.config.kwargs import parse_generate_kwargs
 from mii_core.config.models import MIIConfig
+from mii_core.gateway import guard
 from mii_core.gateway import openai_api as oa
+from mii_core.gateway.limits import MAX_TIMEOUT_S, GatewayLimits
 from mii_core.gateway.prom import GatewayMetrics, render
 
 log = logging.getLogger(__name__)
@@ -78,6 +82,34 @@ def error_for(error: BaseException, openai: bool, chat: bool = False) -> oa.Requ
 
 def _json_error(error: oa.RequestError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
+
+
+_INTERNAL = oa.RequestError(500, "internal error in the REST gateway (the deployment log "
+                            "has the details)", "server_error")
+
+
+def _is_mii_route(path: str) -> bool:
+    return path.startswith("/mii/")
+
+
+def _check_generate_kwargs(kwargs: Dict[str, Any]) -> None:
+    """Validate generate parameters taken from a body before they become keyword arguments
+    of a client call (and before a slot is taken): afterwards each key is a parameter's
+    name, so none (``"self"``, say) can collide with the method's own parameters."""
+    parse_generate_kwargs(kwargs)
+
+
+def _timeout(value: Any) -> Optional[float]:
+    """The ``timeout`` of a ``/mii`` request: seconds, more than 0 and at most a day."""
+    if value is None:
+        return None
+    # NaN fails both comparisons; a huge integer compares exactly (no float overflow)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not 0 < value <= MAX_TIMEOUT_S:
+        raise oa.RequestError(400, f"timeout: expected seconds, more than 0 and at most "
+                              f"{MAX_TIMEOUT_S:g}, got {value!r}", "InvalidGenerateParams",
+                              "timeout")
+    return float(value)
 
 
 class Slots:
@@ -140,6 +172,37 @@ class _MetricsMiddleware:
             self.metrics.observe(route, status[0], time.perf_counter() - started)
 
 
+class _ErrorsAsJSON:
+    """No request gets uvicorn's plain-text 500: an exception that escapes a route is
+    logged with its traceback and answered with a JSON 500 that says nothing more (or, if
+    the response had started, the connection is closed)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_wrapper(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except ClientDisconnect:  # it left while sending its body: nobody to answer
+            log.info("%s %s: the client disconnected", scope["method"], scope["path"])
+        except Exception:  # noqa: BLE001 - the point of this middleware
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            if not started:
+                error = _INTERNAL
+                if _is_mii_route(scope["path"]):
+                    error = oa.RequestError(500, error.message, "ServerError")
+                await _json_error(error)(scope, receive, send)
+
+
 class _AuthMiddleware:
     """With ``auth_token`` set, every route but the health checks needs the bearer token."""
 
@@ -177,9 +240,10 @@ def _context_length(config: MIIConfig) -> Optional[int]:
 class Gateway:
     """State shared by the routes: the client, slots, metrics, the chat tokenizer."""
 
-    def __init__(self, config: MIIConfig, client: MIIClient) -> None:
+    def __init__(self, config: MIIConfig, client: MIIClient, limits: GatewayLimits) -> None:
         self.config = config
         self.client = client
+        self.limits = limits
         self.name = config.deployment_name
         self.model_ids = {config.deployment_name, config.model_conf.model_name_or_path}
         self.metrics = GatewayMetrics(config.restful_processes)
@@ -240,10 +304,13 @@ class Gateway:
     async def healthy(self) -> bool:
         return await asyncio.to_thread(self.client.is_serving)
 
-    async def generate(self, prompts: List[str], kwargs: Dict[str, Any]) -> List[Any]:
+    async def generate(self, prompts: List[str], kwargs: Dict[str, Any],
+                       timeout: Optional[float] = None) -> List[Any]:
+        """Generate through the client; ``kwargs`` are generate parameters from a body."""
+        _check_generate_kwargs(kwargs)
         await self.slots.acquire()
         try:
-            return await self.client.agenerate(prompts, **kwargs)
+            return await self.client.agenerate(prompts, timeout=timeout, **kwargs)
         finally:
             self.slots.release()
 
@@ -253,6 +320,7 @@ class Gateway:
 
         Returns (iterator, first chunk, close); ``close`` must be awaited exactly once.
         """
+        _check_generate_kwargs(kwargs)
         await self.slots.acquire()
         chunks = self.client.astream(prompts, **kwargs)
         closed = False
@@ -274,14 +342,19 @@ class Gateway:
         return chunks, first, close
 
 
-def create_app(config: MIIConfig, client: MIIClient) -> FastAPI:
-    """The gateway's ASGI app for the deployment ``config`` reached through ``client``."""
-    gateway = Gateway(config, client)
+def create_app(config: MIIConfig, client: MIIClient,
+               limits: GatewayLimits = GatewayLimits()) -> FastAPI:
+    """The gateway's ASGI app for the deployment ``config`` reached through ``client``,
+    refusing requests beyond ``limits`` (the header deadline is the server's:
+    ``server.uvicorn_server``)."""
+    gateway = Gateway(config, client, limits)
     app = FastAPI(title=f"mii gateway: {config.deployment_name}", docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.gateway = gateway
     app.add_middleware(_AuthMiddleware, gateway=gateway)
-    app.add_middleware(_MetricsMiddleware, metrics=gateway.metrics)  # outermost: counts 401s
+    app.add_middleware(_ErrorsAsJSON)
+    app.add_middleware(guard.CloseUnreadBody)  # sees the JSON 500s and 401s too
+    app.add_middleware(_MetricsMiddleware, metrics=gateway.metrics)  # outermost: counts all
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -292,11 +365,11 @@ def create_app(config: MIIConfig, client: MIIClient) -> FastAPI:
                                            None, "not_found" if error.status_code == 404
                                            else None))
 
-    async def read_json(request: Request) -> Any:
+    async def read_json(request: Request, mii: bool) -> Any:
         try:
-            return await request.json()
-        except (ValueError, UnicodeDecodeError) as error:
-            raise oa.bad(f"the request body is not valid JSON ({error})") from None
+            return await guard.read_json(request, gateway.limits)
+        except guard.RequestRefused as refused:
+            raise refused.as_error(mii) from None
 
     # -- health and metrics ------------------------------------------------------------
     @app.get("/health")
@@ -327,7 +400,7 @@ def create_app(config: MIIConfig, client: MIIClient) -> FastAPI:
                 f"{gateway.name!r}", "DeploymentNotFoundError", "deployment_name",
                 "deployment_not_found"))
         try:
-            body = await read_json(request)
+            body = await read_json(request, mii=True)
             if not isinstance(body, dict):
                 raise oa.RequestError(400, "the request body must be a JSON object like "
                                       '{"prompts": [...], "max_new_tokens": 64}',
@@ -337,16 +410,12 @@ def create_app(config: MIIConfig, client: MIIClient) -> FastAPI:
                                       "strings", "InvalidGenerateParams", "prompts")
             kwargs = dict(body)
             prompts = kwargs.pop("prompts")
-            timeout = kwargs.get("timeout")
-            if timeout is not None and (isinstance(timeout, bool) or not isinstance(
-                    timeout, (int, float)) or timeout <= 0):
-                raise oa.RequestError(400, f"timeout: expected seconds > 0, got {timeout!r}",
-                                      "InvalidGenerateParams", "timeout")
+            timeout = _timeout(kwargs.pop("timeout", None))
             if kwargs.get("stream"):
                 raise oa.RequestError(400, "stream: this route answers whole responses; "
                                       "stream with /v1/completions", "InvalidGenerateParams",
                                       "stream")
-            responses = await gateway.generate(prompts, kwargs)
+            responses = await gateway.generate(prompts, kwargs, timeout)
         except oa.RequestError as error:
             return _json_error(error)
         except errors.MIIError as error:
@@ -378,7 +447,7 @@ def create_app(config: MIIConfig, client: MIIClient) -> FastAPI:
 
     async def openai_generate(request: Request, chat: bool):
         try:
-            body = oa.check_fields(await read_json(request),
+            body = oa.check_fields(await read_json(request, mii=False),
                                    oa.CHAT_FIELDS if chat else oa.COMPLETION_FIELDS,
                                    "chat completions" if chat else "completions")
             check_model(body["model"])
@@ -414,6 +483,9 @@ def create_app(config: MIIConfig, client: MIIClient) -> FastAPI:
                     yield f"data: {json.dumps(formatter.usage_chunk())}\n\n"
             except errors.MIIError as error:  # after the 200 went out: an error event
                 yield f"data: {json.dumps(error_for(error, True, chat).body())}\n\n"
+            except Exception:  # noqa: BLE001 - as _ErrorsAsJSON, but the 200 went out
+                log.exception("stream of %s failed", request.url.path)
+                yield f"data: {json.dumps(_INTERNAL.body())}\n\n"
             yield "data: [DONE]\n\n"
 
         return _Stream(events(), close)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 
 import httpx
 import openai
@@ -89,6 +90,9 @@ def test_mii_route_answers_like_the_client(gw):
     ({"max_new_tokens": 4}, 400, "prompts", "prompts"),
     ([1, 2], 400, None, "JSON object"),
     ({"prompts": "hi", "stream": True}, 400, "stream", "/v1/completions"),
+    ({"prompts": "hi", "self": 1}, 400, "self", "not recognized"),  # was a TypeError: a 500
+    ({"prompts": "hi", "timeout": 1e10}, 400, "timeout", "at most 86400"),  # was a 504
+    ({"prompts": "hi", "timeout": 2 ** 70}, 400, "timeout", "at most 86400"),
 ])
 def test_mii_route_rejects_bad_input_naming_the_field(gw, body, status, param, text):
     client, base, name = gw
@@ -107,6 +111,38 @@ def test_mii_route_unknown_deployment_and_bad_json(gw):
                        headers={"content-type": "application/json"})
     assert reply.status_code == 400 and "not valid JSON" in reply.json()["error"]["message"]
     assert httpx.get(f"{base}/mii/{name}").status_code == 405
+
+
+def test_the_gateway_process_takes_json_only_within_its_limits(gw):
+    """Bodies not sent as JSON are 415, bodies over MAX_BODY_BYTES 413 before they are
+    read, JSON too deep or timeouts beyond the wire 400, never a plain-text 500 or a 504
+    (tests/unit/test_gateway_guard.py has the rest, with short limits)."""
+    from mii_core.gateway.limits import MAX_BODY_BYTES
+
+    client, base, name = gw
+    for path in (f"/mii/{name}", "/v1/completions"):
+        reply = httpx.post(f"{base}{path}", content=b'{"prompts": "hi"}',
+                           headers={"content-type": "text/plain"})
+        assert reply.status_code == 415, reply.text
+        assert reply.json()["error"]["code"] == "unsupported_content_type"
+        reply = httpx.post(f"{base}{path}", content=b"[" * 100_000 + b"]" * 100_000,
+                           headers={"content-type": "application/json"})
+        assert reply.status_code == 400 and "deeper than" in reply.json()["error"]["message"]
+    for timeout in (b"NaN", b"Infinity", b"-1"):
+        reply = httpx.post(f"{base}/mii/{name}", content=b'{"prompts": "hi", "timeout": %s}'
+                           % timeout, headers={"content-type": "application/json"})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "timeout"
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST /mii/{name} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     f"\r\nContent-Length: {10 * 2 ** 20}\r\n\r\n".encode())  # 10 MiB to come
+        data = b""
+        while chunk := sock.recv(65536):  # answered and closed at once
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 ") and b"connection: close" in head.lower()
+    assert f"limit of {MAX_BODY_BYTES} bytes" in json.loads(body)["error"]["message"]
+    assert client("still serving", max_new_tokens=2)[0].generated_length >= 1
 
 
 # -- OpenAI-compatible API --------------------------------------------------------------
