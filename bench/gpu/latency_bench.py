@@ -15,8 +15,9 @@
   greedy text's digest (compare them with a ``prefix_caching: false`` run; the second
   round shows how often the same requests agree with themselves in another batch).
 
-Prompts are the anchors' words (one token each, as in ``workload_bench.py``). Results:
-one line per case in $OUT/latency.jsonl.
+Every request is greedy (MII's default samples). Prompts are the anchors' words (one
+token each, as in ``workload_bench.py``). Results: one line per case in
+$OUT/latency.jsonl.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ OUT = os.environ.get("OUT", "/tmp")
 MODEL = os.environ.get("MODEL_DIR", "/tmp/llama1b")
 VOCAB = int(os.environ.get("VOCAB", 128000))
 LABEL = os.environ.get("LABEL", "ours_defaults")
+GREEDY = dict(ignore_eos=True, do_sample=False)  # MII's default request samples
 
 
 def words(seed: int, count: int) -> str:
@@ -59,13 +61,13 @@ def log(**fields) -> None:
 
 
 async def ttft4k(client) -> None:
-    await client.agenerate(words(7, 4000), max_new_tokens=8, ignore_eos=True)  # the shape
+    await client.agenerate(words(7, 4000), max_new_tokens=8, **GREEDY)  # the shape
     replica, seen = [], []
     for rep in range(10):
         text = words(100 + rep, 4000)
         t0 = time.perf_counter()
         first = None
-        async for chunk in client.astream(text, max_new_tokens=8, ignore_eos=True):
+        async for chunk in client.astream(text, max_new_tokens=8, **GREEDY):
             if first is None and chunk.generated_length:
                 first = time.perf_counter() - t0
             if chunk.finish_reason not in ("none", ""):
@@ -90,7 +92,7 @@ async def itl_long(client) -> None:
 
     async def stream(i: int) -> None:
         async for chunk in client.astream(words(1000 + i, 128), max_new_tokens=384,
-                                          ignore_eos=True):
+                                          **GREEDY):
             stamps[i].append(time.perf_counter())
             counts[i] += 1
             if min(counts) >= 16:
@@ -100,12 +102,12 @@ async def itl_long(client) -> None:
         await started.wait()
         t0 = time.perf_counter()
         first = None
-        async for chunk in client.astream(words(5000, 4000), max_new_tokens=8, ignore_eos=True):
+        async for chunk in client.astream(words(5000, 4000), max_new_tokens=8, **GREEDY):
             if first is None and chunk.generated_length:
                 first = time.perf_counter()
         return t0, first
 
-    await client.agenerate(words(8, 4000), max_new_tokens=8, ignore_eos=True)
+    await client.agenerate(words(8, 4000), max_new_tokens=8, **GREEDY)
     results = await asyncio.gather(*(stream(i) for i in range(63)), long_one())
     t0, first = results[-1]
     gaps, window = [], []
@@ -125,12 +127,12 @@ async def itl_long(client) -> None:
 
 async def prefix(client) -> None:
     shared = words(42, 2048)
-    await client.agenerate(shared + " " + words(43, 64), max_new_tokens=16, ignore_eos=True)
+    await client.agenerate(shared + " " + words(43, 64), max_new_tokens=16, **GREEDY)
     texts = [shared + " " + words(2000 + i, 64) for i in range(64)]
     rounds = []
     for round_ in range(2):  # the second round: the same requests again (a control)
         t0 = time.perf_counter()
-        out = await asyncio.gather(*(client.agenerate(t, max_new_tokens=16, ignore_eos=True)
+        out = await asyncio.gather(*(client.agenerate(t, max_new_tokens=16, **GREEDY)
                                      for t in texts))
         wall = time.perf_counter() - t0
         ttfts = [r[0].time_to_first_token_s for r in out]
