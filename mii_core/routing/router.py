@@ -83,7 +83,8 @@ class Router:
     def __init__(self, addresses: Sequence[str], scheduler: Scheduler) -> None:
         self.replicas = [ReplicaState(i, address) for i, address in enumerate(addresses)]
         self.scheduler = scheduler
-        self._calls: List[Set[RoutedCall]] = [set() for _ in self.replicas]
+        # Per replica, its calls in the order they came (a dict as an ordered set).
+        self._calls: List[Dict[RoutedCall, None]] = [{} for _ in self.replicas]
 
     @property
     def serving(self) -> bool:
@@ -181,10 +182,10 @@ class Router:
 
     def _track(self, call: RoutedCall) -> None:
         call.tried.add(call.replica.index)
-        self._calls[call.replica.index].add(call)
+        self._calls[call.replica.index][call] = None
 
     def _release(self, call: RoutedCall) -> None:
-        self._calls[call.replica.index].discard(call)
+        self._calls[call.replica.index].pop(call, None)
         self.finished(call.replica)
 
     def lost(self, replica: ReplicaState) -> None:

@@ -199,9 +199,9 @@ def test_a_call_whose_client_left_is_cancelled_not_retried():
         for replica in replicas:
             replica.mode = "hold"
         unary = stub.Generate(_request())
+        await _until(lambda: replicas[0].calls == 1)  # round robin: 0, then 1
         stream = stub.GenerateStream(_request("piece first"))
         assert (await stream.read()).replica == 1
-        await _until(lambda: [r.calls for r in replicas] == [1, 1])
         unary.cancel()
         stream.cancel()
         await _until(lambda: [r["outstanding"] for r in lb.router.describe()] == [0, 0])
