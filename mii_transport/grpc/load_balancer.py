@@ -3,7 +3,9 @@
 Which replica serves a call is the router's decision (``mii_core.routing.router``);
 this module probes the replicas' gRPC health services for it and forwards the calls.
 Cancellation and deadlines propagate because the forwarded call runs inside the
-handler.
+handler. A forwarded call the router abandons (its replica stopped answering) is
+cancelled here, and one whose replica was lost or stopped answering is sent again
+where ``Router.retry`` says, or fails with the error it raises.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mii_core.errors import MIIError
 from mii_core.plugins.interfaces import Scheduler
-from mii_core.routing.router import ReplicaState, Router
+from mii_core.routing.router import RoutedCall, Router
 from mii_transport.grpc import status
 from mii_transport.grpc.auth import auth_metadata
 from mii_transport.grpc.generated import mii_pb2, mii_pb2_grpc
@@ -40,11 +42,14 @@ class ReplicaChannel:
         self.stub = mii_pb2_grpc.MIIServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
-    async def healthy(self) -> bool:
-        """The replica's health service answers SERVING within a second."""
+    async def probe(self, timeout: float) -> Optional[bool]:
+        """Whether the replica's health service answers SERVING within ``timeout``; None
+        if it does not answer at all (frozen, hung, not listening)."""
         try:
-            reply = await self.health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-        except grpc.aio.AioRpcError:
+            reply = await self.health.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            if error.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                return None
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
@@ -68,49 +73,74 @@ class LoadBalancerServicer(mii_pb2_grpc.MIIServiceServicer):
     async def watch_health(self, stop: asyncio.Event) -> None:
         """Probe every replica's health until ``stop``."""
         while not stop.is_set():
-            answers = await asyncio.gather(*(c.healthy() for c in self.channels))
-            for index, healthy in enumerate(answers):
-                self.router.set_health(index, healthy)
+            timeout = self.router.probe_timeout
+            answers = await asyncio.gather(*(c.probe(timeout) for c in self.channels))
+            for index, serving in enumerate(answers):
+                if serving is None:
+                    self.router.unanswered(index)
+                else:
+                    self.router.set_health(index, serving)
             try:
                 await asyncio.wait_for(stop.wait(), self.router.health_interval())
             except asyncio.TimeoutError:
                 pass
 
-    async def _fail(self, context, replica: Optional[ReplicaState], error: Exception) -> None:
-        if isinstance(error, grpc.aio.AioRpcError):
-            if error.code() == grpc.StatusCode.UNAVAILABLE and replica is not None:
-                error = self.router.lost(replica)
-            else:
-                error = status.from_rpc_error(error)
-        await status.abort(context, error)
+    def _retry_or_raise(self, call: RoutedCall, error: BaseException, delivered: bool,
+                        context: grpc.aio.ServicerContext) -> None:
+        """The forwarded call ended with ``error``: if its replica was lost (UNAVAILABLE) or
+        stopped answering (the router abandoned it), ``call`` is moved to another replica
+        (``Router.retry``, which raises when that is not safe); otherwise re-raise."""
+        if isinstance(error, asyncio.CancelledError):
+            if not call.abandoned or _handler_cancelled(context):
+                raise error  # the client left or the server stops: not the replica's doing
+        elif isinstance(error, grpc.aio.AioRpcError) and \
+                error.code() == grpc.StatusCode.UNAVAILABLE:
+            self.router.lost(call.replica)
+        else:
+            raise error
+        self.router.retry(call, delivered)
 
     async def Generate(self, request, context):
-        replica = None
+        call = None
         try:
-            replica = self.router.pick()
-            return await self.channels[replica.index].stub.Generate(
-                request, timeout=context.time_remaining(), metadata=self.metadata)
+            call = self.router.route()
+            while True:
+                forwarded = self.channels[call.replica.index].stub.Generate(
+                    request, timeout=context.time_remaining(), metadata=self.metadata)
+                call.on_abandon = forwarded.cancel
+                try:
+                    return await forwarded
+                except (asyncio.CancelledError, grpc.aio.AioRpcError) as error:
+                    self._retry_or_raise(call, error, False, context)
         except (MIIError, grpc.aio.AioRpcError) as error:
-            await self._fail(context, replica, error)
-        finally:
-            if replica is not None:
-                self.router.finished(replica)
-
-    async def GenerateStream(self, request, context):
-        replica = call = None
-        try:
-            replica = self.router.pick()
-            call = self.channels[replica.index].stub.GenerateStream(
-                request, metadata=self.metadata, timeout=context.time_remaining())
-            async for reply in call:
-                yield reply
-        except (MIIError, grpc.aio.AioRpcError) as error:
-            await self._fail(context, replica, error)
+            await _fail(context, error)
         finally:
             if call is not None:
-                call.cancel()  # the client left: stop the replica's generation now
-            if replica is not None:
-                self.router.finished(replica)
+                self.router.done(call)
+
+    async def GenerateStream(self, request, context):
+        call = forwarded = None
+        delivered = False
+        try:
+            call = self.router.route()
+            while True:
+                forwarded = self.channels[call.replica.index].stub.GenerateStream(
+                    request, metadata=self.metadata, timeout=context.time_remaining())
+                call.on_abandon = forwarded.cancel
+                try:
+                    async for reply in forwarded:
+                        delivered = True
+                        yield reply
+                    return
+                except (asyncio.CancelledError, grpc.aio.AioRpcError) as error:
+                    self._retry_or_raise(call, error, delivered, context)
+        except (MIIError, grpc.aio.AioRpcError) as error:
+            await _fail(context, error)
+        finally:
+            if forwarded is not None:
+                forwarded.cancel()  # the client left: stop the replica's generation now
+            if call is not None:
+                self.router.done(call)
 
     async def Info(self, request, context):
         replicas = []
@@ -132,3 +162,16 @@ class LoadBalancerServicer(mii_pb2_grpc.MIIServiceServicer):
     async def close(self) -> None:
         """Close replica channels."""
         await asyncio.gather(*(c.channel.close() for c in self.channels))
+
+
+async def _fail(context: grpc.aio.ServicerContext, error: Exception) -> None:
+    if isinstance(error, grpc.aio.AioRpcError):
+        error = status.from_rpc_error(error)
+    await status.abort(context, error)
+
+
+def _handler_cancelled(context: grpc.aio.ServicerContext) -> bool:
+    """Whether the handler's own call is being cancelled (its client left, the server
+    stops), unlike a forwarded call that the load balancer cancelled."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)  # Python >= 3.11
+    return context.cancelled() or bool(cancelling and cancelling())
