@@ -73,11 +73,15 @@ class TmpfsDisk:
         if os.geteuid() != 0:
             pytest.skip("mounting a tmpfs needs root")
         mount.mkdir(mode=0o700)
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs",
-                               str(mount)], capture_output=True, text=True)
-        if done.returncode != 0:
+        try:
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs",
+                                   str(mount)], capture_output=True, text=True)
+            why = done.stderr.strip() if done.returncode else ""
+        except OSError as error:  # no mount(8)
+            why = str(error)
+        if why:
             mount.rmdir()
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+            pytest.skip(f"cannot mount a tmpfs here: {why}")
         return cls(mount)
 
     def fill(self) -> None:
