@@ -8,6 +8,8 @@
     mii bench NAME [--concurrency C ...]     load-test a deployment (mii bench --help)
     mii stop NAME                            terminate the deployment
     mii plugins                              discovered engines, schedulers, transports
+
+NAME is a deployment name, its model's name or path, or HOST:PORT (names never hold ':').
 """
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
 """``serve()`` and ``client()``: start a persistent deployment, reconnect to one by name.
 
 ``serve`` validates everything it can in the caller (keys, values, model path,
-heads vs tensor_parallel, devices, ports, name clashes), writes the registry
-record, starts the supervisor in a new session and returns once the deployment
-answers its health check. On failure it raises with the tail of the deployment
-log and leaves no process behind.
+heads vs tensor_parallel, devices, ports, name clashes, the TLS certificate against the
+address it dials), writes the registry record, starts the supervisor in a new session
+and returns once the deployment answers its health check. On failure it raises with
+the reason and the tail of the deployment log and leaves no process behind; a reason
+the supervisor could not write down (a full disk) comes through a pipe.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from mii_core.api.client import MIIClient
 from mii_core.config.kwargs import REQUEST_LIMITS, parse_serve_kwargs
-from mii_core.config.models import MIIConfig, default_deployment_name
-from mii_core.deploy import devices, logs, registry
+from mii_core.config.models import MIIConfig, check_deployment_name, default_deployment_name
+from mii_core.deploy import devices, home, logs, registry, tls
+from mii_core.deploy.addresses import parse_address
 from mii_core.deploy.model_source import (check_model_limits, check_tensor_parallel,
                                          check_tokenizer, model_dir_config)
 from mii_core.deploy.ports import free_port, free_ports, is_port_free, require_free
@@ -39,6 +41,8 @@ from mii_core.plugins.discovery import (
 )
 
 SUPERVISOR_MODULE = registry.SUPERVISOR_MODULE
+SUPERVISOR_COMMAND = (sys.executable, "-m", SUPERVISOR_MODULE)
+"""How ``launch`` starts the supervisor; it appends the record file and ``--status-fd N``."""
 
 
 def _progress(message: str) -> None:
@@ -70,6 +74,12 @@ def prepare(mii_config: MIIConfig) -> MIIConfig:
         path = getattr(mii_config, field)
         if path and not os.path.isfile(path):
             raise ConfigError(f"{field}: {path} does not exist")
+    if mii_config.tls_cert_file:
+        problem = tls.certificate_problem(
+            mii_config.tls_cert_file, mii_config.tls_key_file,
+            tls.dialed_hosts(mii_config.host, mii_config.enable_restful_api))
+        if problem:
+            raise ConfigError(problem)
     # The chosen engine's and scheduler's own hooks vote, as plugins' hooks do.
     with driver_hooks(engine, "engine"), driver_hooks(scheduler, "scheduler"):
         try:
@@ -134,6 +144,13 @@ def serve(model_name_or_path: str = "", model_config: Optional[Mapping] = None,
     """
     _refuse_inside_distributed_launch()
     config = prepare(parse_serve_kwargs(model_name_or_path, model_config, mii_config, **kwargs))
+    return launch(config, plan(config))
+
+
+def plan(config: MIIConfig) -> DeploymentRecord:
+    """The record of a new deployment of ``config``: placements and ports chosen (and
+    ``config.port_number`` set to the port picked); DeploymentExistsError if one of that
+    name runs."""
     name = config.deployment_name
     live = registry.find_live(name)
     if live is not None:
@@ -145,33 +162,63 @@ def serve(model_name_or_path: str = "", model_config: Optional[Mapping] = None,
     if config.enable_restful_api:
         require_free(config.restful_api_port, "restful_api_port")
     config.port_number = port
-    record = DeploymentRecord(
+    return DeploymentRecord(
         name=name, config=config.model_dump(by_alias=True, mode="json"), host=config.host,
         port=port, log_path=str(registry.log_path(name)), engine=config.model_conf.engine,
         created_at=time.time(), replicas=[
             ReplicaRecord(index=i, hostname=p.hostname, port=replica_ports[i],
                           dist_port=dist_ports[i], gpu_indices=p.gpu_indices, hosts=p.hosts)
             for i, p in enumerate(placements)])
-    record_file = registry.save(record)
-    _progress(f"starting deployment {name!r} ({config.model_conf.engine} engine, "
-              f"{len(placements)} replica(s) x tensor_parallel={config.model_conf.tensor_parallel}"
-              f") on port {port}; log: {record.log_path}")
-    follower = logs.ProgressFollower(record.log_path)
-    with open(record.log_path, "a") as log_file:
-        os.chmod(record.log_path, 0o600)
-        proc = subprocess.Popen([sys.executable, "-m", SUPERVISOR_MODULE, str(record_file)],
-                                stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                                start_new_session=True)
+
+
+def launch(config: MIIConfig, record: DeploymentRecord,
+           supervisor: tuple = SUPERVISOR_COMMAND) -> MIIClient:
+    """Write ``record`` and its log, start ``supervisor`` on them in a new session and
+    return the client once the deployment answers; DeploymentStartupError (naming the
+    file, the errno and the space left) if a file cannot be written."""
+    name = record.name
+    # The log first: a link or another user's file planted there is refused before anything
+    # is written (home.open_private), and its descriptor is what every process writes to.
     try:
-        _wait_until_serving(config, record, proc, follower)
+        log_fd = home.open_private(record.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    except OSError as error:
+        raise DeploymentStartupError(f"deployment {name!r}: cannot open its log: "
+                                     f"{home.refusal(record.log_path, error)}") from None
+    status_read, status_write = os.pipe()
+    try:
+        try:
+            record_file = registry.save(record)
+        except OSError as error:
+            raise DeploymentStartupError(
+                f"deployment {name!r}: cannot write its registry record: "
+                f"{home.describe_os_error(error, registry.record_path(name))}") from None
+        _progress(f"starting deployment {name!r} ({config.model_conf.engine} engine, "
+                  f"{len(record.replicas)} replica(s) x tensor_parallel="
+                  f"{config.model_conf.tensor_parallel}) on port {record.port}; log: "
+                  f"{record.log_path}")
+        follower = logs.ProgressFollower(record.log_path)
+        proc = subprocess.Popen([*supervisor, str(record_file), "--status-fd", str(status_write)],
+                                stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                                pass_fds=(status_write,), start_new_session=True)
+    except BaseException:
+        os.close(status_read)
+        registry.remove(name)
+        raise
+    finally:
+        os.close(log_fd)
+        os.close(status_write)  # the supervisor holds the only write end now
+    try:
+        _wait_until_serving(config, record, proc, follower, status_read)
     except BaseException:
         _abort(proc, name)
         raise
+    finally:
+        os.close(status_read)
     return MIIClient(config, host=config.host)
 
 
 def _wait_until_serving(config: MIIConfig, record: DeploymentRecord, proc: subprocess.Popen,
-                        follower: logs.ProgressFollower) -> None:
+                        follower: logs.ProgressFollower, status_fd: int) -> None:
     transport = load_driver("transport", config.transport)()
     address = f"{config.host}:{record.port}"
     started = time.time()
@@ -190,7 +237,8 @@ def _wait_until_serving(config: MIIConfig, record: DeploymentRecord, proc: subpr
         code = proc.poll()
         if code is not None:
             failed = registry.load(record.name)
-            why = failed.error if failed and failed.error else f"supervisor exited with {code}"
+            why = (_read_status(status_fd) or (failed.error if failed else "")
+                   or f"supervisor exited with {code}")
             raise DeploymentStartupError(
                 f"deployment {record.name!r} failed to start: {why}\n"
                 f"--- last lines of {record.log_path} ---\n{logs.tail(record.log_path)}")
@@ -201,6 +249,22 @@ def _wait_until_serving(config: MIIConfig, record: DeploymentRecord, proc: subpr
                 f"{logs.tail(record.log_path)}")
         time.sleep(delay)
         delay = min(delay * 1.5, 0.05)  # a poll costs ~0.2 ms CPU; a long one delays the return
+
+
+def _read_status(fd: int) -> str:
+    """What the supervisor, now gone, wrote to its status pipe: why its start-up failed,
+    when it could not write that into the record (``supervisor.StatusPipe``)."""
+    chunks = []
+    os.set_blocking(fd, False)
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:  # empty, yet still open: a process it left holds the pipe
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace").strip()
 
 
 def _abort(proc: subprocess.Popen, name: str) -> None:
@@ -218,11 +282,15 @@ def _abort(proc: subprocess.Popen, name: str) -> None:
 def client(model_or_deployment_name: str, host: Optional[str] = None,
            port: Optional[int] = None, token: Optional[str] = None,
            tls_root_cert: Optional[str] = None) -> MIIClient:
-    """Connect to a running deployment by deployment name, model name/path, or ``host:port``."""
+    """Connect to a running deployment by deployment name, model name/path, or ``host:port``
+    (a target with ':' is an address, unless it is the path of a model directory)."""
     target = model_or_deployment_name
-    if port is None and ":" in target and target.rsplit(":", 1)[1].isdigit():
-        target_host, target_port = target.rsplit(":", 1)
-        return _remote_client(target_host, int(target_port), token, tls_root_cert)
+    try:
+        address = None if port is not None or os.path.exists(target) else parse_address(target)
+    except ValueError as error:
+        raise DeploymentNotFoundError(str(error)) from None
+    if address is not None:
+        return _remote_client(*address, token, tls_root_cert)
     if port is not None:
         return _remote_client(host or "localhost", port, token, tls_root_cert)
     names = [target] + ([default_deployment_name(target)]
@@ -250,8 +318,13 @@ def _remote_client(host: str, port: int, token: Optional[str],
                       token=token, tls_root_cert=tls_root_cert)
     info: Dict[str, Any] = probe.info()
     limits = info.get("limits") if isinstance(info.get("limits"), dict) else {}
-    config = MIIConfig(deployment_name=info.get("deployment", f"{host}:{port}"),
-                       port_number=port, scheduler=info.get("scheduler", "round_robin"),
+    name = info.get("deployment", "")
+    try:  # a server of an older mii may carry a name the rule now refuses
+        check_deployment_name(name)
+    except ValueError:
+        name = "remote"
+    config = MIIConfig(deployment_name=name, port_number=port,
+                       scheduler=info.get("scheduler", "round_robin"),
                        model_config={"model_name_or_path": info.get("model", "remote"),
                                      "engine": info.get("engine", "auto")},
                        # the servers' request limits, so that this client checks the same

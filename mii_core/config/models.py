@@ -7,6 +7,7 @@ not MII's are marked "(mii extension)".
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -214,18 +215,44 @@ class ModelConfig(_Strict):
         return self
 
 
+DEPLOYMENT_NAME_MAX = 200
+_NAME_PART = "[A-Za-z0-9][A-Za-z0-9._-]*"
+_NAME = re.compile(f"{_NAME_PART}(?:/{_NAME_PART})*")
+_DEFAULT_SUFFIX = "-mii-deployment"
+
+
+def check_deployment_name(name: str) -> str:
+    """``name`` if it is a deployment name, else ValueError stating the rule. Names are
+    parts of letters, digits, '.', '_' and '-' separated by '/' (a hub name's default),
+    each starting with a letter or digit: so a name is never taken for ``host:port``,
+    never hides its files (a leading '.') or climbs out of ``$MII_HOME`` ('..'), and
+    cannot forge a log line or a row of ``mii list`` (no newline, NUL or control
+    character)."""
+    if len(name) <= DEPLOYMENT_NAME_MAX and _NAME.fullmatch(name):
+        return name
+    raise ValueError(f"must be 1-{DEPLOYMENT_NAME_MAX} characters: letters, "
+                     "digits, '.', '_' and '-', in parts separated by '/' (as in "
+                     "'org/model-mii-deployment'), each part starting with a letter or digit "
+                     "(':' is reserved for host:port addresses)")
+
+
 def default_deployment_name(model_name_or_path: str) -> str:
-    """MII's rule: the model directory's base name (or the hub name) + ``-mii-deployment``."""
+    """MII's rule: the model directory's base name (or the hub name) + ``-mii-deployment``;
+    characters that ``check_deployment_name`` refuses become '-' (hub names have none)."""
     path = model_name_or_path.rstrip("/")
     name = os.path.basename(path) if os.path.exists(path) else path
-    return f"{name}-mii-deployment"
+    parts = [re.sub(r"[^A-Za-z0-9._-]+", "-", part).lstrip("._-") for part in name.split("/")]
+    name = "/".join(part for part in parts if part) or "model"
+    return name[:DEPLOYMENT_NAME_MAX - len(_DEFAULT_SUFFIX)].rstrip("/") + _DEFAULT_SUFFIX
 
 
 class MIIConfig(_Strict):
     """How the deployment is served."""
 
     deployment_name: str = ""
-    """Name clients reconnect by; defaults from the model name."""
+    """Name clients reconnect by; defaults from the model name (``<model>-mii-deployment``).
+    At most 200 characters: letters, digits, '.', '_' and '-', in parts separated by '/',
+    each part starting with a letter or digit (so never ``host:port``)."""
     deployment_type: DeploymentType = DeploymentType.LOCAL
     """Only LOCAL (a persistent local deployment) is served."""
     model_conf: ModelConfig = Field(alias="model_config")
@@ -283,6 +310,11 @@ class MIIConfig(_Strict):
     """MII's AzureML instance type (its AML deployments); accepted, unused."""
     max_restarts: int = Field(3, ge=0)
     """Restarts of a crashed child (replica or load balancer) before the deployment stops. (mii extension)"""
+
+    @field_validator("deployment_name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        return check_deployment_name(value) if value else value  # "": the default, below
 
     @model_validator(mode="after")
     def _fill_name(self) -> "MIIConfig":

@@ -9,11 +9,15 @@ wildcard address are reached on the loopback of the matching family.
 "This machine" is the deployment's head, where the supervisor and the load balancer
 run. A rank started on another host (``remote_main``) sets ``MII_HEAD_HOST`` to the
 head's hostname, so that there its own hostname is not mistaken for the head's.
+
+What a user names a deployment by is either its name or its ``host:port`` address, told
+apart by the ':' (``parse_address``).
 """
 from __future__ import annotations
 
 import os
 import socket
+from typing import Optional, Tuple
 
 HEAD_HOST_ENV = "MII_HEAD_HOST"
 LOOPBACK_NAMES = frozenset({"", "localhost", "127.0.0.1"})
@@ -47,3 +51,17 @@ def dial_host(bound: str) -> str:
 def gateway_bind_host(host: str) -> str:
     """The address the REST gateway binds: ``localhost`` means the IPv4 loopback only."""
     return "127.0.0.1" if host in ("", "localhost") else host
+
+
+def parse_address(target: str) -> Optional[Tuple[str, int]]:
+    """``(host, port)`` of a ``host:port`` target; None for a deployment name. A name never
+    holds ':' (``check_deployment_name``), so a target with one is an address and must be
+    a valid one: ValueError says what is wrong with it (an IPv6 host keeps its brackets:
+    ``[::1]:50050``, as gRPC dials it)."""
+    if ":" not in target:
+        return None
+    host, _, port = target.rpartition(":")
+    if not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{target!r} is not a deployment name (names cannot contain ':') "
+                         f"nor a host:port address (the port must be 1-65535)")
+    return host, int(port)

@@ -1,6 +1,7 @@
 """Per-deployment log file: every process of a deployment appends to one file.
 
 Lines tagged ``[progress]`` are also shown in the terminal that called ``serve()``.
+Log files are opened as ``home.open_private`` opens them: never through a symbolic link.
 """
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ import os
 import sys
 from collections import deque
 from pathlib import Path
+from typing import IO
+
+from mii_core.deploy import home
+from mii_core.errors import ConfigError
 
 PROGRESS_TAG = "[progress]"
 
@@ -26,12 +31,17 @@ def configure(role: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _open(path: str | Path) -> IO[str]:
+    return os.fdopen(home.open_private(path, os.O_RDONLY), "r", errors="replace")
+
+
 def tail(path: str | Path, lines: int = 40) -> str:
-    """The last ``lines`` lines of ``path`` ('' if it does not exist)."""
+    """The last ``lines`` lines of ``path`` ('' if it does not exist or is not a private
+    file of this user)."""
     try:
-        with open(path, "r", errors="replace") as handle:
+        with _open(path) as handle:
             return "".join(deque(handle, maxlen=lines))
-    except OSError:
+    except (OSError, ConfigError):
         return ""
 
 
@@ -40,15 +50,15 @@ class ProgressFollower:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.offset = self.path.stat().st_size if self.path.exists() else 0
+        self.offset = self.path.lstat().st_size if self.path.exists() else 0
 
     def new_lines(self) -> list[str]:
         """Progress lines appended since the last call."""
         try:
-            with open(self.path, "r", errors="replace") as handle:
+            with _open(self.path) as handle:
                 handle.seek(self.offset)
                 chunk = handle.read()
-        except OSError:
+        except (OSError, ConfigError):
             return []
         complete = chunk[: chunk.rfind("\n") + 1]
         self.offset += len(complete.encode())

@@ -2,12 +2,15 @@
 
 The supervisor owns its record: it writes state changes and pids, and removes the
 record when it exits. Readers treat a record whose supervisor is gone as stale and
-delete it, so the registry tells the truth even after a crash.
+delete it, so the registry tells the truth even after a crash. Readers also ignore (and
+warn once about) a record that is not a private regular file of the current user: see
+``mii_core.deploy.home``, which checks ``$MII_HOME`` itself.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import tempfile
@@ -16,10 +19,14 @@ from hashlib import sha1
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, field_validator
 
-from mii_core.config.models import MIIConfig
+from mii_core.config.kwargs import describe_validation_error
+from mii_core.config.models import MIIConfig, check_deployment_name
+from mii_core.deploy import home
+from mii_core.errors import ConfigError
 
+log = logging.getLogger(__name__)
 SUPERVISOR_MODULE = "mii_core.control.supervisor"
 
 
@@ -53,6 +60,11 @@ class DeploymentRecord(BaseModel):
     ready_at: Optional[float] = None
     error: str = ""
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        return check_deployment_name(value)  # the rule of MIIConfig.deployment_name
+
     @property
     def mii_config(self) -> MIIConfig:
         """The deployment's configuration."""
@@ -60,15 +72,9 @@ class DeploymentRecord(BaseModel):
 
 
 def mii_home() -> Path:
-    """Root of mii's state: ``$MII_HOME`` or the user cache dir; created 0700."""
-    root = os.environ.get("MII_HOME")
-    if not root:
-        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-        root = os.path.join(cache, "mii")
-    path = Path(root)
-    for sub in (path, path / "deployments", path / "logs"):
-        sub.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
+    """Root of mii's state: ``$MII_HOME`` or the user cache dir, checked private to this
+    user and created 0700 (``home.safe_home``; ConfigError if unsafe)."""
+    return home.safe_home()
 
 
 def _file_stem(name: str) -> str:
@@ -87,9 +93,10 @@ def log_path(name: str) -> Path:
     return mii_home() / "logs" / f"{_file_stem(name)}.log"
 
 
-def save(record: DeploymentRecord) -> Path:
-    """Atomically write ``record`` with mode 0600."""
-    path = record_path(record.name)
+def save(record: DeploymentRecord, path: Optional[Path] = None) -> Path:
+    """Atomically write ``record`` (to ``path``, default its path in the registry) with
+    mode 0600; OSError (a full disk: ENOSPC) leaves the previous version in place."""
+    path = Path(path) if path is not None else record_path(record.name)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
     try:
         with os.fdopen(fd, "w") as handle:
@@ -104,25 +111,52 @@ def save(record: DeploymentRecord) -> Path:
 
 
 def load(name: str) -> Optional[DeploymentRecord]:
-    """The record of ``name``, or None if there is none or it cannot be read."""
+    """The record of ``name``, or None if there is none or it cannot be used."""
     return load_file(record_path(name))
 
 
-def load_file(path: Path) -> Optional[DeploymentRecord]:
-    """Parse one record file; a corrupt file counts as absent (see ``read_problem``)."""
+def load_file(path: Path | str) -> Optional[DeploymentRecord]:
+    """Parse one record file; a corrupt file counts as absent (see ``read_problem``), and so
+    does one that is not this user's private file (with a warning, once per file)."""
     try:
-        return DeploymentRecord.model_validate(json.loads(Path(path).read_text()))
-    except (OSError, ValueError, ValidationError):
+        return _parse(path)
+    except (ConfigError, OSError) as error:
+        if not isinstance(error, FileNotFoundError):
+            _warn_ignored(path, error)
         return None
+    except (ValueError, ValidationError):
+        return None
+
+
+def _parse(path: Path | str) -> DeploymentRecord:
+    return DeploymentRecord.model_validate(json.loads(home.read_private(path)))
+
+
+_warned: set = set()
+
+
+def _warn_ignored(path: Path | str, error: Exception) -> None:
+    """Say once per file why a record is ignored: a planted or foreign record must not be
+    trusted, and must not be silent either."""
+    reason = home.refusal(path, error) if isinstance(error, OSError) else str(error)
+    if (str(path), reason) not in _warned:
+        _warned.add((str(path), reason))
+        log.warning("ignoring deployment record: %s", reason)
 
 
 def read_problem(path: Path) -> Optional[str]:
     """Why an existing record file cannot be used (None if fine or absent)."""
     try:
-        DeploymentRecord.model_validate(json.loads(Path(path).read_text()))
+        _parse(path)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, ValidationError) as error:
+    except ConfigError as error:
+        return str(error)
+    except OSError as error:
+        return home.refusal(path, error)
+    except ValidationError as error:
+        return f"invalid record: {describe_validation_error(error)}"
+    except ValueError as error:
         return f"{type(error).__name__}: {str(error).splitlines()[0]}"
     return None
 

@@ -125,3 +125,53 @@ def test_tls_files_must_exist(tiny_model, tmp_path, no_process_started):
                   tls_key_file=str(tmp_path / "k.pem"))
     with pytest.raises(mii.errors.ConfigError, match="together"):
         mii.serve(tiny_model, tls_cert_file=str(tmp_path / "c.pem"))
+
+
+def test_a_certificate_clients_would_refuse_is_refused_before_any_process(tiny_model, tmp_path,
+                                                                         no_process_started):
+    """A certificate for DNS:localhost alone while serve() dials 127.0.0.1: every client's
+    handshake fails, so serve() would wait out startup_timeout on a probe that cannot pass."""
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj",
+                    "/CN=localhost", "-addext", "subjectAltName=DNS:localhost", "-keyout",
+                    str(key), "-out", str(cert)], check=True, capture_output=True)
+    with pytest.raises(mii.errors.ConfigError, match=(
+            rf"^tls_cert_file {cert} does not verify for 127\.0\.0\.1, the address the "
+            r"deployment is dialled by: IP address mismatch.*\(the certificate names "
+            r"DNS:localhost\)\. Use a certificate whose subjectAltName includes IP:127\.0\.0\.1, "
+            r"or set host to one of the certificate's names$")):
+        mii.serve(tiny_model, deployment_name="tls-mismatch", tls_cert_file=str(cert),
+                  tls_key_file=str(key), startup_timeout=30)
+    assert registry.load("tls-mismatch") is None
+
+
+def test_a_link_planted_at_the_log_path_is_not_followed(tiny_model, tmp_path, no_process_started):
+    target = tmp_path / "victim"
+    target.write_text("precious\n")
+    target.chmod(0o644)
+    link = registry.log_path("planted-log")
+    link.symlink_to(target)
+    try:
+        with pytest.raises(mii.errors.DeploymentStartupError,
+                           match=rf"cannot open its log: {link} is a symbolic link"):
+            mii.serve(tiny_model, deployment_name="planted-log")
+    finally:
+        link.unlink()
+    assert target.read_text() == "precious\n"  # neither appended to ...
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644  # ... nor chmod'ed
+    assert registry.load("planted-log") is None
+
+
+def test_serve_refuses_a_home_others_may_write(tiny_model, mii_home, monkeypatch):
+    shared = mii_home / "shared-home"  # inside the session's home: leaked processes are seen
+    shared.mkdir(mode=0o700)
+    shared.chmod(0o777)
+    monkeypatch.setenv("MII_HOME", str(shared))
+    with pytest.raises(mii.errors.ConfigError, match=rf"MII_HOME: refusing to use {shared}: it "
+                                                     r"is writable by others than its owner "
+                                                     r"\(mode 0777"):
+        mii.serve(tiny_model, deployment_name="in-shared-home")
+    assert not (shared / "deployments").exists() or not any((shared / "deployments").iterdir())

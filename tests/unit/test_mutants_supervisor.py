@@ -4,9 +4,11 @@ virtual clock with stand-in children, and start / stop / process-tree tracking o
 tools/mutation.py; the deployment tests cover it end to end)."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,10 +127,10 @@ def env(monkeypatch, request):
     monkeypatch.setattr(sup.Supervisor, "_spawn", spawn)
 
     class Env:
-        def supervisor(self, name=None, replicas=1, **mii):
+        def supervisor(self, name=None, replicas=1, save=registry.save, status=None, **mii):
             record = make_record(name or f"sup-{request.node.name[:40]}", replicas, **mii)
             path = registry.save(record)
-            self.supervisor_ = sup.Supervisor(str(path))
+            self.supervisor_ = sup.Supervisor(str(path), save=save, status=status)
             return self.supervisor_
 
     e = Env()
@@ -402,6 +404,94 @@ def test_restart_due_only_restarts_children_whose_time_came(env, monkeypatch):
     assert [role for role, _, _ in s.spawned] == ["a"]
     assert (due.restarts, later.restarts, running.restarts) == (1, 0, 0)
     assert later.restart_at is not None
+
+
+# -- its own writes failing (a full disk) -----------------------------------------------------
+class FullDisk:
+    """Writes records as ``registry.save`` does until ``full``; then does what a full disk
+    does to it: OSError(ENOSPC) naming the file, the previous version left in place."""
+
+    def __init__(self, full: bool = False) -> None:
+        self.full = full
+        self.refused = 0
+
+    def save(self, record, path):
+        if self.full:
+            self.refused += 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return registry.save(record, path)
+
+
+ENOSPC_TEXT = r"no space left on device: {path} \(ENOSPC, errno 28; [\d.]+ \S+ of [\d.]+ \S+ " \
+              r"free on its filesystem\)"
+
+
+def test_a_full_disk_after_ready_costs_no_process_and_the_write_is_retried(env, monkeypatch,
+                                                                          caplog):
+    disk = FullDisk()
+    s, clock = ready_supervisor(env, monkeypatch, "sup-full", save=disk.save)
+    crashed = FakeProc()
+    with_fake_children(s, monkeypatch, **{"replica-0": child("replica-0", crashed),
+                                          "load-balancer": child("load-balancer")})
+    disk.full, crashed.code = True, -9  # the disk fills up, then a replica crashes
+    freed_at = []
+
+    def free_the_disk_after_three_refusals():
+        if disk.full and disk.refused == 3:
+            disk.full = False
+            freed_at.append(clock.now)
+        if not disk.full and registry.load("sup-full").pids.get("replica-0") not in (
+                None, crashed.pid):
+            s.request_stop("terminated")
+
+    clock.on_sleep.append(free_the_disk_after_three_refusals)
+    with caplog.at_level(logging.WARNING, logger=sup.__name__):
+        assert s.watch() == 0  # it kept watching: a stop request ended it, not the disk
+    (role, restarted, _), = s.spawned
+    assert role == "replica-0" and s.children["replica-0"].proc is restarted
+    saved = registry.load("sup-full")
+    assert saved.pids["replica-0"] == restarted.pid and saved.state == "ready"
+    assert clock.now - freed_at[0] <= sup.RECORD_RETRY_S + 2 * sup.POLL_S
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1  # once per outage, not once per retry
+    assert re.fullmatch("cannot write the registry record: " + ENOSPC_TEXT.format(
+        path=re.escape(s.record_file)) + "; the deployment's processes keep running, the write "
+        "is retried every 2s", errors[0])
+    assert f"registry record {s.record_file} written again" in caplog.text
+
+
+def test_a_full_disk_during_start_up_fails_it_and_tells_serve_through_the_pipe(env, monkeypatch):
+    read, write = os.pipe()
+    try:
+        s = env.supervisor("sup-full-start", save=FullDisk(full=True).save,
+                           status=sup.StatusPipe(write))
+        with_fake_children(s, monkeypatch)
+        s.start()  # no record with the supervisor's pid: mii.client(name) could not find it
+        assert s.stop_reason == "failed" and s.watch() == 1
+        s.stop()  # the failed state cannot be written either: no exception, the pipe says it
+        os.set_blocking(read, False)
+        told = os.read(read, 65536).decode()
+        assert os.read(read, 1) == b""  # and closed it
+    finally:
+        os.close(read)
+    assert re.fullmatch("cannot write its registry record: " + ENOSPC_TEXT.format(
+        path=re.escape(s.record_file)), told)
+    assert s.record.error == told and registry.load("sup-full-start").state == "starting"
+
+
+def test_the_pipe_is_closed_once_ready(env, monkeypatch):
+    monkeypatch.setattr(sup, "time", Clock())
+    read, write = os.pipe()
+    try:
+        s = env.supervisor("sup-pipe", status=sup.StatusPipe(write))
+        with_fake_children(s, monkeypatch)
+        env.transport.answers = [True]
+        env.hooks.on_started = lambda: s.request_stop("terminated")
+        assert s.watch() == 0
+        assert os.read(read, 1) == b""  # closed with nothing said
+        s.stop()
+    finally:
+        os.close(read)
 
 
 # -- real processes: start, stop, the process tree --------------------------------------------
@@ -699,10 +789,12 @@ class ScriptedSupervisor:
 
     instances = []
 
-    def __init__(self, record_file):
+    def __init__(self, record_file, save, status):
         self.record_file = record_file
+        self.save, self.status_pipe = save, status
         self.record = make_record("sup-main")
         self.stop_reason = None
+        self.unsaved = None
         self.calls = []
         self.fail_start = False
         self.status = 0
@@ -770,13 +862,35 @@ def test_main_keeps_the_record_of_a_failed_deployment(scripted, monkeypatch):
     assert removed == []
 
 
+def test_main_removes_a_failed_record_whose_failure_it_could_not_write(scripted, monkeypatch):
+    handlers, removed = scripted
+
+    def watch(self):
+        self.stop_reason, self.unsaved = "failed", "no space left on device: /r.json"
+        return 1
+
+    monkeypatch.setattr(ScriptedSupervisor, "watch", watch)
+    assert sup.main(["/r.json"]) == 1
+    assert removed == ["sup-main"]  # on disk it still said "ready": it would lie
+
+
+def test_main_passes_the_status_pipe_and_the_writer(scripted):
+    read, write = os.pipe()
+    os.close(read)
+    assert sup.main(["/r.json", "--status-fd", str(write)], save=FullDisk().save) == 0
+    s, = ScriptedSupervisor.instances
+    assert s.status_pipe.fd == write and s.save.__self__.__class__ is FullDisk
+    s.status_pipe.close()
+
+
 def test_main_turns_an_exception_into_a_failed_stop(scripted, caplog):
     handlers, removed = scripted
     ScriptedSupervisor.fail_start = True
     with caplog.at_level(logging.ERROR, logger=sup.__name__):
         assert sup.main(["/r.json"]) == 1
     s, = ScriptedSupervisor.instances
-    assert s.calls == ["start", ("stop", "failed", "supervisor failed (see log)")]
+    assert s.calls == ["start", ("stop", "failed",
+                                 "supervisor failed: RuntimeError: spawn failed (see log)")]
     assert removed == [] and "supervisor failed" in caplog.text
 
 
