@@ -23,16 +23,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from mii_core.api.client import MIIClient
     from mii_core.gateway import create_app
-    from mii_core.gateway.limits import GatewayLimits
+    from mii_core.gateway.limits import BODY_OVERHEAD_BYTES, GatewayLimits
     from mii_core.gateway.server import uvicorn_server
 
     config = record.mii_config
     host = dial_host(record.host)
     client = MIIClient(config, host=host, port=record.port)
-    limits = GatewayLimits()  # the defaults: MIIConfig has no fields for these (yet)
+    # a body may carry as much prompt text as a request may, plus its JSON
+    limits = GatewayLimits(max_body_bytes=config.max_request_bytes + BODY_OVERHEAD_BYTES)
     app = create_app(config, client, limits)
     bind = gateway_bind_host(config.restful_api_host)
-    if bind not in ("127.0.0.1", "::1") and not getattr(config, "auth_token", None):
+    if bind not in ("127.0.0.1", "::1") and not config.auth_token:
         log.warning("the REST gateway binds %s without auth_token: anyone who can reach it "
                     "can generate", bind)
     log.info("[progress] REST gateway on http://%s:%d (deployment %s on port %d; at most %d "

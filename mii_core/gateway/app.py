@@ -38,11 +38,11 @@ from starlette.requests import ClientDisconnect
 
 from mii_core import errors
 from mii_core.api.client import MIIClient
-from mii_core.config.kwargs import parse_generate_kwargs
+from mii_core.config.kwargs import check_timeout, parse_generate_kwargs
 from mii_core.config.models import MIIConfig
 from mii_core.gateway import guard
 from mii_core.gateway import openai_api as oa
-from mii_core.gateway.limits import MAX_TIMEOUT_S, GatewayLimits
+from mii_core.gateway.limits import GatewayLimits
 from mii_core.gateway.prom import GatewayMetrics, render
 
 log = logging.getLogger(__name__)
@@ -100,16 +100,11 @@ def _check_generate_kwargs(kwargs: Dict[str, Any]) -> None:
 
 
 def _timeout(value: Any) -> Optional[float]:
-    """The ``timeout`` of a ``/mii`` request: seconds, more than 0 and at most a day."""
-    if value is None:
-        return None
-    # NaN fails both comparisons; a huge integer compares exactly (no float overflow)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            not 0 < value <= MAX_TIMEOUT_S:
-        raise oa.RequestError(400, f"timeout: expected seconds, more than 0 and at most "
-                              f"{MAX_TIMEOUT_S:g}, got {value!r}", "InvalidGenerateParams",
-                              "timeout")
-    return float(value)
+    """The ``timeout`` of a ``/mii`` request, checked as every client checks it."""
+    try:
+        return check_timeout(value)
+    except errors.InvalidGenerateParams as error:
+        raise oa.RequestError(400, str(error), "InvalidGenerateParams", "timeout") from None
 
 
 class Slots:

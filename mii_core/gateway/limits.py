@@ -1,6 +1,6 @@
 """What one HTTP request may cost the REST gateway: how long its headers and its body may
-take to arrive, how large its body may be, how deeply its JSON may nest, and the longest
-``timeout`` it may ask for.
+take to arrive, how large its body may be and how deeply its JSON may nest (its
+``timeout`` is checked as every client's is: ``config.kwargs.check_timeout``).
 
 uvicorn bounds none of the first three by itself (measured with uvicorn 0.54 / h11 0.16):
 a client that connects and sends nothing, sends its headers a byte at a time, or stops
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 BODY_OVERHEAD_BYTES = 2 ** 20
 """Room in a body beyond its prompt text: the JSON around it and the other parameters."""
 MAX_BODY_BYTES = 8 * 2 ** 20 + BODY_OVERHEAD_BYTES
-"""Default largest request body: 8 MiB of prompt text (two million tokens of English, far
-beyond any served context) and the overhead. Refused (413) before it is parsed."""
+"""Default largest request body: MIIConfig's default ``max_request_bytes`` (8 MiB of
+prompt text) and the overhead. Refused (413) before it is parsed."""
 HEADER_TIMEOUT_S = 10.0
 """Default time a request's line and headers may take to arrive in full, counted from the
 connection's start or, on a kept-alive connection, from the request's first byte."""
@@ -26,9 +26,6 @@ needs 160 KB/s)."""
 MAX_JSON_DEPTH = 32
 """Deepest nesting of objects and arrays in a request body (OpenAI's bodies nest 4 deep);
 deeper bodies would exhaust Python's recursion limit somewhere after parsing."""
-MAX_TIMEOUT_S = 86_400.0
-"""Longest ``timeout`` (seconds) a ``/mii`` request may give: one day. gRPC turns a
-deadline beyond about 7e9 s into one that has already passed."""
 
 
 @dataclass(frozen=True)
