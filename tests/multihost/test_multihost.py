@@ -27,7 +27,7 @@ from conftest import GREEDY, Hooks, LogWatch, environment, kill_deployment, our_
 from helpers.multihost import Cluster, cluster, python_on  # noqa: F401  (a fixture)
 
 import mii
-from mii.errors import AuthenticationError, DeploymentUnavailable
+from mii.errors import AuthenticationError
 from mii_core.deploy import registry
 
 NAME = "multihost"
@@ -157,10 +157,10 @@ def test_a_cut_link_is_routed_around_and_the_host_rejoins(cluster, two_hosts):
                 sender.join(timeout=30)
             failed_at = time.time() - cut_at
             assert not any(s.is_alive() for s in senders), "a request hung on the cut link"
-            lost = [o for o in outcomes.values() if isinstance(o, Exception)]
-            assert len(lost) == 2 and all(isinstance(e, DeploymentUnavailable) for e in lost), \
-                outcomes
-            assert sorted(o for o in outcomes.values() if isinstance(o, int)) == [1 - held] * 2
+            # The two calls stuck on the cut host had sent nothing back: the load
+            # balancer retries them on the other host (a stream that had sent output
+            # would fail instead: tests/deployment/test_frozen_replica.py).
+            assert sorted(outcomes.values(), key=str) == [1 - held] * 4, outcomes
             assert served_by(client, 4) == [1 - held] * 4  # routed around
             hooks.release()
         assert wait_until(lambda: client.info()["replicas"][held]["healthy"], 60)

@@ -58,15 +58,20 @@ def test_kernels_match_the_reference(decode_only, splits, window, softcap, heads
 @pytest.mark.parametrize("window", [0, 5])
 def test_decode_kernel_writes_the_new_keys_then_attends(splits, window):
     """Given the step's keys/values, the decode kernel stores them at their slots (the
-    pool there holds NaN before) and attends as if they had been written first."""
+    pool there holds NaN before) and attends as if they had been written first; keys and
+    values are read with their own strides (with the keys' strides for both, every
+    value but token 0's came from the wrong row: wrong tokens on the GPU, 2026-12-02)."""
     heads, kv_heads, dim, block = 4, 2, 16, 4
     for seed in range(4):
         query, keys, values, tables, lens, starts = _case(seed, True, heads, kv_heads, dim,
                                                           block)
         tokens = query.shape[0]
         gen = torch.Generator().manual_seed(seed)
+        # As a model hands them over: views with the same shape but rows of different
+        # strides (the values here are half of a wider projection's output).
         new_keys = torch.randn(tokens, kv_heads, dim, generator=gen)
-        new_values = torch.randn(tokens, kv_heads, dim, generator=gen)
+        new_values = torch.randn(tokens, 2 * kv_heads, dim, generator=gen)[:, kv_heads:]
+        assert new_keys.stride(0) != new_values.stride(0)
         slots = torch.zeros(tokens, dtype=torch.long)  # padding tokens: slot 0, unwritten
         for seq, length in enumerate(lens.tolist()):
             position = length - 1

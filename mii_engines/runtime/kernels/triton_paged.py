@@ -90,17 +90,22 @@ def _attend_keys(q, m_i, l_i, acc, k_ptr, v_ptr, table_row_ptr, kv_head, key_sta
 
 @triton.jit
 def _write_new_key(new_k_ptr, new_v_ptr, slots_ptr, k_ptr, v_ptr, token, kv_head,
-                   stride_nt, stride_nh, stride_block, stride_slot, stride_head,
+                   stride_nt, stride_nh, stride_nvt, stride_nvh,
+                   stride_block, stride_slot, stride_head,
                    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr):
-    """Store token ``token``'s key and value of kv head ``kv_head`` at its pool slot."""
+    """Store token ``token``'s key and value of kv head ``kv_head`` at its pool slot.
+
+    Keys and values have strides of their own: both are often views of one fused
+    projection's output, with the same shape but different row strides."""
     offs_d = tl.arange(0, D_P2)
     d_ok = offs_d < HEAD_DIM
     slot = tl.load(slots_ptr + token).to(tl.int64)
-    src = token * stride_nt + kv_head * stride_nh + offs_d
+    key_src = token * stride_nt + kv_head * stride_nh + offs_d
+    value_src = token * stride_nvt + kv_head * stride_nvh + offs_d
     dst = ((slot // BLOCK_SIZE) * stride_block + (slot % BLOCK_SIZE) * stride_slot
            + kv_head * stride_head + offs_d)
-    tl.store(k_ptr + dst, tl.load(new_k_ptr + src, mask=d_ok), mask=d_ok)
-    tl.store(v_ptr + dst, tl.load(new_v_ptr + src, mask=d_ok), mask=d_ok)
+    tl.store(k_ptr + dst, tl.load(new_k_ptr + key_src, mask=d_ok), mask=d_ok)
+    tl.store(v_ptr + dst, tl.load(new_v_ptr + value_src, mask=d_ok), mask=d_ok)
 
 
 @triton.jit
@@ -134,6 +139,7 @@ def _decode_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
                    q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, query_start_ptr,
                    num_seqs, num_tokens, num_heads, window, qk_scale, softcap,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_nt, stride_nh,
+                   stride_nvt, stride_nvh,
                    stride_table, stride_block, stride_slot, stride_head,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    D_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -177,7 +183,8 @@ def _decode_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
             if WRITE_NEW:
                 if (key_start <= seq_len - 1) & (seq_len - 1 < key_end):
                     _write_new_key(new_k_ptr, new_v_ptr, slots_ptr, k_ptr, v_ptr, token,
-                                   kv_head, stride_nt, stride_nh, stride_block, stride_slot,
+                                   kv_head, stride_nt, stride_nh, stride_nvt, stride_nvh,
+                                   stride_block, stride_slot,
                                    stride_head, BLOCK_SIZE, HEAD_DIM, D_P2)
                 tl.debug_barrier()
 
@@ -446,7 +453,8 @@ def plan_launches(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     written = new if new is not None else NewKeys(query, query, seq_lens)  # unread dummies
     args = dict(out_ptr=out, **partials, new_k_ptr=written.keys, new_v_ptr=written.values,
                 slots_ptr=written.slots, stride_nt=written.keys.stride(0),
-                stride_nh=written.keys.stride(1), **inputs, num_heads=num_heads)
+                stride_nh=written.keys.stride(1), stride_nvt=written.values.stride(0),
+                stride_nvh=written.values.stride(1), **inputs, num_heads=num_heads)
     launches = [Launch(_decode_kernel, (max(num_seqs, num_tokens), num_kv_heads, splits), args,
                        dict(common, GROUP_PAD=max(16, _pow2(group)), BLOCK_N=tiles.block_n,
                             SPLITS=splits, WRITE_NEW=new is not None),
