@@ -6,8 +6,10 @@ split-KV) and mixed steps; GQA, sliding windows, softcap, padding tokens. Output
 poisoned with NaN first, so an unwritten element fails."""
 from __future__ import annotations
 
+import importlib
 import os
 import random
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -15,6 +17,9 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
+from engine_helpers import Collector, load, loop_for, running  # noqa: E402
+
+from mii_core.config.models import GenerateParamsConfig  # noqa: E402
 from mii_engines.runtime.kernels.paged_attention import reference_paged_attention  # noqa: E402
 from mii_engines.runtime.kernels.triton_paged import (  # noqa: E402
     NewKeys, decode_splits, run_paged_attention)
@@ -95,3 +100,64 @@ def test_decode_splits_fill_the_gpu_only_when_the_batch_does_not():
     assert decode_splits(1, 8, 256, 16, 64, 132) == 32  # capped at MAX_DECODE_SPLITS
     assert decode_splits(64, 8, 256, 16, 64, 132) == 1
     assert decode_splits(1, 8, 2, 16, 64, 132) == 1  # never more shares than key tiles
+
+
+@contextmanager
+def triton_on_cpu(checked: list):
+    """CPU tensors take the ops' CUDA implementations (the Triton kernels, in the
+    interpreter): what a GPU runs, on the tiny model. Each decode step's fused write is
+    also run as write-then-attend on copies; ``checked`` gets (rows, largest difference
+    of the pools and the outputs)."""
+    ops = importlib.import_module("mii_engines.runtime.kernels.paged_attention")
+
+    def write_and_attend(query, new_keys, new_values, slots, keys, values, *rest):
+        tables, lens, starts, out, scale, window, softcap, decode_only = rest
+        if decode_only:
+            keys2, values2, out2 = keys.clone(), values.clone(), out.clone()
+            ops._write(new_keys, new_values, slots, keys2, values2)
+            ops._paged_attention_cuda(query, keys2, values2, tables, lens, starts, out2,
+                                      scale, window, softcap, True)
+        ops._write_and_attend_cuda(query, new_keys, new_values, slots, keys, values, *rest)
+        if decode_only:
+            checked.append((tables.shape[0], max(float((a - b).abs().max()) for a, b in
+                                                 ((keys, keys2), (values, values2),
+                                                  (out, out2)))))
+
+    ops._paged_attention_op.register_kernel("cpu")(ops._paged_attention_cuda)
+    ops._write_and_attend_op.register_kernel("cpu")(write_and_attend)
+    try:
+        yield
+    finally:
+        ops._paged_attention_op.register_kernel("cpu")(ops._paged_attention_default)
+        ops._write_and_attend_op.register_kernel("cpu")(ops._write_and_attend_default)
+
+
+def test_the_engine_on_the_triton_kernels_gives_the_dynamic_caches_tokens(tiny_model):
+    """Prompts arriving one by one while others decode (decode steps of several rows,
+    mixed steps with a cached prefix) give each prompt's tokens alone on the dynamic
+    cache, and every fused decode write stores what writing first stores. The kernels'
+    own tests feed them one memory layout; the model feeds others (its values were
+    read with the keys' strides: wrong tokens on the GPU, 2026-12-02)."""
+    shared = "Seattle is a city in the northwest corner of the United States and"
+    prompts = [shared + tail for tail in (" DeepSpeed", " graphics", " the model")]
+    params = GenerateParamsConfig(do_sample=False, max_new_tokens=12, ignore_eos=True,
+                                  stream=True)  # a first event at the first token
+
+    def generate(loop, texts):
+        sinks = [Collector(1) for _ in texts]
+        for text, sink in zip(texts, sinks):
+            loop.submit([text], params, sink)
+            assert sink.first.wait(60)  # the next arrives while this one decodes
+        assert all(sink.done.wait(120) for sink in sinks)
+        return [sink.texts()[0] for sink in sinks]
+
+    with running(loop_for(load(tiny_model), "dynamic")) as loop:
+        expected = [generate(loop, [text])[0] for text in prompts]
+    checked = []
+    with triton_on_cpu(checked), running(loop_for(load(tiny_model), "paged",
+                                                  pipelined=True)) as loop:
+        generate(loop, [shared])  # its blocks are then a cached prefix
+        got = generate(loop, prompts)
+    assert any(rows > 1 for rows, _ in checked), f"no decode step of several rows: {checked}"
+    assert max(difference for _, difference in checked) == 0.0
+    assert got == expected

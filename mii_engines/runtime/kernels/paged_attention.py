@@ -173,14 +173,17 @@ def triton_available() -> bool:
     return True
 
 
-@torch.library.custom_op("mii::paged_attention", mutates_args=("out",))
-def _paged_attention_op(query: Tensor, key_cache: Tensor, value_cache: Tensor,
-                        block_tables: Tensor, seq_lens: Tensor, query_start: Tensor,
-                        out: Tensor, scale: float, window: int, softcap: float,
-                        decode_only: bool) -> None:
+def _paged_attention_default(query: Tensor, key_cache: Tensor, value_cache: Tensor,
+                             block_tables: Tensor, seq_lens: Tensor, query_start: Tensor,
+                             out: Tensor, scale: float, window: int, softcap: float,
+                             decode_only: bool) -> None:
     """Every device without a kernel of its own (CPU): the reference."""
     reference_paged_attention(query, key_cache, value_cache, block_tables, seq_lens,
                               query_start, out, scale, window, softcap)
+
+
+_paged_attention_op = torch.library.custom_op(
+    "mii::paged_attention", mutates_args=("out",))(_paged_attention_default)
 
 
 @_paged_attention_op.register_kernel("cuda")
@@ -240,16 +243,19 @@ def _write(new_keys: Tensor, new_values: Tensor, slot_mapping: Tensor, key_cache
                                                              new_values)
 
 
-@torch.library.custom_op("mii::write_and_attend", mutates_args=("out",))
-def _write_and_attend_op(query: Tensor, new_keys: Tensor, new_values: Tensor,
-                         slot_mapping: Tensor, key_cache: Tensor, value_cache: Tensor,
-                         block_tables: Tensor, seq_lens: Tensor, query_start: Tensor,
-                         out: Tensor, scale: float, window: int, softcap: float,
-                         decode_only: bool) -> None:
+def _write_and_attend_default(query: Tensor, new_keys: Tensor, new_values: Tensor,
+                              slot_mapping: Tensor, key_cache: Tensor, value_cache: Tensor,
+                              block_tables: Tensor, seq_lens: Tensor, query_start: Tensor,
+                              out: Tensor, scale: float, window: int, softcap: float,
+                              decode_only: bool) -> None:
     """The write, then the attention op's own dispatch (the reference or Triton)."""
     _write(new_keys, new_values, slot_mapping, key_cache, value_cache)
     torch.ops.mii.paged_attention(query, key_cache, value_cache, block_tables, seq_lens,
                                   query_start, out, scale, window, softcap, decode_only)
+
+
+_write_and_attend_op = torch.library.custom_op(
+    "mii::write_and_attend", mutates_args=("out",))(_write_and_attend_default)
 
 
 @_write_and_attend_op.register_kernel("cuda")
