@@ -96,7 +96,10 @@ def check_write() -> bool:
             * block + positions % block
         gen = torch.Generator(device="cuda").manual_seed(seed)
         new_k = torch.randn(q.shape[0], kv_heads, dim, generator=gen, device="cuda").bfloat16()
-        new_v = torch.randn(q.shape[0], kv_heads, dim, generator=gen, device="cuda").bfloat16()
+        # the values as a model hands them over: a view whose rows are further apart
+        # than the keys' (read with the keys' strides, they were wrong: 2026-12-02)
+        new_v = torch.randn(q.shape[0], 2 * kv_heads, dim, generator=gen,
+                            device="cuda").bfloat16()[:, kv_heads:]
         want_k, want_v = kc.clone(), vc.clone()
         for cache, new in ((want_k, new_k), (want_v, new_v)):
             cache.view(-1, kv_heads, dim)[slots[:seqs]] = new[:seqs]
