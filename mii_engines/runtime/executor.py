@@ -51,7 +51,9 @@ class Executor:
         self._steps = 0
         self._device_tokens: Optional[torch.Tensor] = None
         self._params: Optional[RowParams] = None
-        self._params_rows: List[int] = []  # ids of the rows _params was built for
+        # The rows _params was built for, kept alive: comparing id()s instead would let a
+        # new sequence allocated where a finished one was take over its parameters.
+        self._params_rows: List[Sequence] = []
         self._pinned: List[torch.Tensor] = []
         self._copied: List[Optional[torch.cuda.Event]] = []
         self._flip = 0
@@ -66,11 +68,11 @@ class Executor:
             self._device_tokens = None
             return None
         rows = schedule.rows
-        ids = [id(seq) for seq in rows]
-        if ids != self._params_rows:
+        if len(rows) != len(self._params_rows) or any(
+                a is not b for a, b in zip(rows, self._params_rows)):
             self._params = row_params([seq.params for seq in rows], logits.shape[-1],
                                       logits.device)
-            self._params_rows = ids
+            self._params_rows = list(rows)
         # launched already counts this step's token (its index is launched - 1): EOS is
         # banned while fewer than min_new_tokens precede it.
         banned = [seq.eos if seq.launched <= seq.params.min_new_tokens else None
