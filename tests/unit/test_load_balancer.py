@@ -5,6 +5,7 @@ the router what probes saw), so nothing depends on timing."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import List, Optional
 
 import grpc
@@ -33,6 +34,8 @@ class FakeReplica(mii_pb2_grpc.MIIServiceServicer, health_pb2_grpc.HealthService
         self.health: Optional[int] = SERVING
         self.calls = 0
         self.never = asyncio.Event()
+        self.info_in_flight = False
+        self.peers: List["FakeReplica"] = [self]
         self.server = grpc.aio.server()
         mii_pb2_grpc.add_MIIServiceServicer_to_server(self, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self, self.server)
@@ -59,6 +62,12 @@ class FakeReplica(mii_pb2_grpc.MIIServiceServicer, health_pb2_grpc.HealthService
             yield self.reply(finish_reason="")
         await self._act(context)
         yield self.reply()
+
+    async def Info(self, request, context):
+        """Answers once every replica of ``self.peers`` has an Info call in flight."""
+        self.info_in_flight = True
+        await _until(lambda: all(peer.info_in_flight for peer in self.peers), timeout=5.0)
+        return mii_pb2.InfoReply(json=json.dumps({"replica": self.index}))
 
     async def Check(self, request, context):
         if self.health is None:
@@ -207,5 +216,19 @@ def test_a_call_whose_client_left_is_cancelled_not_retried():
         await _until(lambda: [r["outstanding"] for r in lb.router.describe()] == [0, 0])
         assert [r.calls for r in replicas] == [1, 1]
         assert all(r["healthy"] for r in lb.router.describe())
+
+    asyncio.run(_with_load_balancer(body))
+
+
+def test_info_asks_every_replica_at_once():
+    """Each fake replica answers Info only once all have been asked: asked one after
+    another, the first would wait out the load balancer's 2 s timeout (a frozen replica
+    then cost the answer 2 s each)."""
+    async def body(lb, stub, replicas):
+        for replica in replicas:
+            replica.peers = replicas
+        info = json.loads((await stub.Info(mii_pb2.InfoRequest(), timeout=10)).json)
+        assert [entry.get("replica") for entry in info["replicas"]] == [0, 1]
+        assert not any("error" in entry for entry in info["replicas"])
 
     asyncio.run(_with_load_balancer(body))
