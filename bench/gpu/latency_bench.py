@@ -31,7 +31,8 @@ import time
 import traceback
 from typing import List
 
-OUT = os.environ.get("OUT", "/tmp")
+from workload_bench import append_result, pct  # this folder: run as a script
+
 MODEL = os.environ.get("MODEL_DIR", "/tmp/llama1b")
 VOCAB = int(os.environ.get("VOCAB", 128000))
 LABEL = os.environ.get("LABEL", "ours_defaults")
@@ -43,21 +44,12 @@ def words(seed: int, count: int) -> str:
     return " ".join(f"w{rng.randrange(10, VOCAB)}" for _ in range(count))
 
 
-def pct(values: List[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
-
-
 def ms(value: float) -> float:
     return round(value * 1000, 2)
 
 
 def log(**fields) -> None:
-    fields.update(system=LABEL, model=MODEL)
-    line = json.dumps(fields)
-    print("RESULT", line, flush=True)
-    with open(os.path.join(OUT, "latency.jsonl"), "a") as out:
-        out.write(line + "\n")
+    append_result("latency.jsonl", dict(fields, system=LABEL, model=MODEL))
 
 
 async def ttft4k(client) -> None:

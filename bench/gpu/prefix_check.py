@@ -12,7 +12,6 @@ prompts match the reference, in each of two rounds.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import sys
@@ -24,6 +23,7 @@ from mii_core.config.models import GenerateParamsConfig, ModelConfig
 from mii_core.plugins.interfaces import RankInfo
 from mii_engines.runtime.service import build_service
 from mii_engines.transformers.engine import TransformersEngine
+from workload_bench import append_result  # this folder: run as a script
 
 OUT = os.environ.get("OUT", "/tmp")
 DEVICE = os.environ.get("DEVICE", "cuda:0")
@@ -32,10 +32,7 @@ GREEDY = dict(do_sample=False, ignore_eos=True)
 
 
 def log(**fields) -> None:
-    line = json.dumps(fields)
-    print("RESULT", line, flush=True)
-    with open(os.path.join(OUT, "prefix_check.jsonl"), "a") as out:
-        out.write(line + "\n")
+    append_result("prefix_check.jsonl", fields)
 
 
 class Texts:

@@ -50,12 +50,17 @@ def prompts(n: int, pmin: int, pmax: int) -> List[str]:
             for _ in range(n)]
 
 
-def log(**fields) -> None:
-    fields.update(system=LABEL, model=MODEL)
+def append_result(name: str, fields: Dict) -> None:
+    """Print ``fields`` as a RESULT line and append them to $OUT/``name`` (JSON lines);
+    the other GPU scripts that write JSON lines use it too."""
     line = json.dumps(fields)
     print("RESULT", line, flush=True)
-    with open(os.path.join(OUT, "workload.jsonl"), "a") as out:
+    with open(os.path.join(OUT, name), "a") as out:
         out.write(line + "\n")
+
+
+def log(**fields) -> None:
+    append_result("workload.jsonl", dict(fields, system=LABEL, model=MODEL))
 
 
 def wait_for_peer() -> None:
