@@ -23,14 +23,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from mii_core.api.client import MIIClient
     from mii_core.gateway import create_app
-    from mii_core.gateway.limits import BODY_OVERHEAD_BYTES, GatewayLimits
+    from mii_core.gateway.limits import GatewayLimits, body_limit
     from mii_core.gateway.server import uvicorn_server
 
     config = record.mii_config
     host = dial_host(record.host)
     client = MIIClient(config, host=host, port=record.port)
-    # a body may carry as much prompt text as a request may, plus its JSON
-    limits = GatewayLimits(max_body_bytes=config.max_request_bytes + BODY_OVERHEAD_BYTES)
+    limits = GatewayLimits(max_body_bytes=body_limit(config.max_request_bytes))
     app = create_app(config, client, limits)
     bind = gateway_bind_host(config.restful_api_host)
     if bind not in ("127.0.0.1", "::1") and not config.auth_token:

@@ -11,11 +11,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mii_core.config.models import MIIConfig
+
 BODY_OVERHEAD_BYTES = 2 ** 20
 """Room in a body beyond its prompt text: the JSON around it and the other parameters."""
-MAX_BODY_BYTES = 8 * 2 ** 20 + BODY_OVERHEAD_BYTES
-"""Default largest request body: MIIConfig's default ``max_request_bytes`` (8 MiB of
-prompt text) and the overhead. Refused (413) before it is parsed."""
+
+
+def body_limit(max_request_bytes: int) -> int:
+    """The largest body that can carry ``max_request_bytes`` of prompt text (a
+    deployment's ``MIIConfig.max_request_bytes``) and its JSON."""
+    return max_request_bytes + BODY_OVERHEAD_BYTES
+
+
+MAX_BODY_BYTES = body_limit(MIIConfig.model_fields["max_request_bytes"].default)
+"""Default largest request body: that of MIIConfig's default ``max_request_bytes``.
+Refused (413) before it is parsed."""
 HEADER_TIMEOUT_S = 10.0
 """Default time a request's line and headers may take to arrive in full, counted from the
 connection's start or, on a kept-alive connection, from the request's first byte."""
