@@ -15,7 +15,7 @@ import os
 import pwd
 import stat
 from pathlib import Path
-from typing import Optional
+from typing import IO, Optional
 
 from mii_core.errors import ConfigError
 
@@ -104,9 +104,15 @@ def open_private(path: Path | str, flags: int) -> int:
     return fd
 
 
+def open_private_text(path: Path | str) -> IO[str]:
+    """A private file of this user under ``$MII_HOME`` opened for reading text (see
+    ``open_private``; undecodable bytes replaced)."""
+    return os.fdopen(open_private(path, os.O_RDONLY), "r", errors="replace")
+
+
 def read_private(path: Path | str) -> str:
     """The text of a private file of this user under ``$MII_HOME`` (see ``open_private``)."""
-    with os.fdopen(open_private(path, os.O_RDONLY), "r", errors="replace") as handle:
+    with open_private_text(path) as handle:
         return handle.read()
 
 

@@ -10,7 +10,6 @@ import os
 import sys
 from collections import deque
 from pathlib import Path
-from typing import IO
 
 from mii_core.deploy import home
 from mii_core.errors import ConfigError
@@ -31,15 +30,11 @@ def configure(role: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _open(path: str | Path) -> IO[str]:
-    return os.fdopen(home.open_private(path, os.O_RDONLY), "r", errors="replace")
-
-
 def tail(path: str | Path, lines: int = 40) -> str:
     """The last ``lines`` lines of ``path`` ('' if it does not exist or is not a private
     file of this user)."""
     try:
-        with _open(path) as handle:
+        with home.open_private_text(path) as handle:
             return "".join(deque(handle, maxlen=lines))
     except (OSError, ConfigError):
         return ""
@@ -55,7 +50,7 @@ class ProgressFollower:
     def new_lines(self) -> list[str]:
         """Progress lines appended since the last call."""
         try:
-            with _open(self.path) as handle:
+            with home.open_private_text(self.path) as handle:
                 handle.seek(self.offset)
                 chunk = handle.read()
         except (OSError, ConfigError):
