@@ -7,8 +7,7 @@ import time
 
 import pytest
 import torch
-from engine_helpers import (GREEDY, PROMPTS, Collector, load, loop_for, make_loop, run, running,
-                            setup)
+from engine_helpers import GREEDY, PROMPTS, Collector, load, loop_for, run, running, setup
 
 from mii_core.config.models import GenerateParamsConfig
 from mii_core.errors import InvalidGenerateParams, ServerOverloaded
