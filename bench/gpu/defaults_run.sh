@@ -10,8 +10,9 @@
 # Env: OURS_CASES, FASTGEN_CASES, SERVE_EXTRA (JSON), SKIP_FASTGEN=1, SKIP_KERNELS=1,
 # SECOND_SERVE=1 (serve the model a second time: ready with the compile caches warm),
 # PROBE_VARIANTS (probe_paged.py), RETRY_EXTRA (a second config if ours fails),
-# LATENCY=1 (latency_bench.py: TTFT, ITL under a long prompt, prefix cache on / off).
-# Results under $OUT: workload.jsonl, latency.jsonl, kernels.jsonl, run.log.
+# LATENCY=1 (latency_bench.py: TTFT, ITL under a long prompt, prefix cache on / off),
+# SAMPLING_CHECK=1 (sampling_check.py: the sampling kernel checked and timed).
+# Results under $OUT: workload.jsonl, latency.jsonl, kernels.jsonl, sampling.jsonl, run.log.
 set -u
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO" || exit 1
@@ -54,6 +55,10 @@ export PYTHONPATH=/tmp/site:$REPO
 if [ "${SKIP_KERNELS:-0}" != 1 ]; then
   timeout 120 python3 bench/gpu/kernel_check.py > "$OUT/kernels.log" 2>&1
   stamp "kernel check rc=$? $(grep -c '"ok": false' "$OUT/kernels.log") failing; $(grep time_decode "$OUT/kernels.log" | cut -c1-160 | tr '\n' ' ')"
+fi
+if [ "${SAMPLING_CHECK:-0}" = 1 ]; then
+  timeout 120 python3 bench/gpu/sampling_check.py > "$OUT/sampling.log" 2>&1
+  stamp "sampling check rc=$? $(grep -c '"ok": false' "$OUT/sampling.log") failing"
 fi
 wait $build_pid
 stamp "model ready"

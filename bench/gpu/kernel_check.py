@@ -122,6 +122,19 @@ def check_write() -> bool:
     return ok
 
 
+def replay_seconds(graph: torch.cuda.CUDAGraph, calls: int, reps: int = 5) -> float:
+    """Seconds per call of a graph capturing ``calls`` calls: the median of ``reps`` replays."""
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / calls * 1e-3)
+    return statistics.median(times)
+
+
 def time_decode(seqs, context, heads, kv_heads, dim, block=16):
     max_blocks = -(-context // block)
     args = list(inputs(0, True, heads, kv_heads, dim, torch.bfloat16, block, max_blocks, seqs))
@@ -141,15 +154,7 @@ def time_decode(seqs, context, heads, kv_heads, dim, block=16):
     graph.replay()
     torch.cuda.synchronize()
     error = float((out.float() - ref).norm() / ref.norm())  # the 50th launch of a replay
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 50 * 1e-3)
-    seconds = statistics.median(times)
+    seconds = replay_seconds(graph, 50)
     kv_bytes = 2 * seqs * context * kv_heads * dim * 2
     log(kind="time_decode", seqs=seqs, context=context, heads=heads, kv_heads=kv_heads, dim=dim,
         us=round(seconds * 1e6, 2), kv_gb_s=round(kv_bytes / seconds / 1e9, 1), error=error,

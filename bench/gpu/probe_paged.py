@@ -7,12 +7,15 @@ as a replica does (``runtime.service.build_service``) with its settings, and run
 prompts of 128 tokens + 64 new (greedy, ignore_eos) at 1 and 16 rows: in-process tok/s
 (no gRPC), then a torch.profiler table of the GPU kernels over one 16-row run
 (``$OUT/profile_<variant>.txt``). Variants: compiled (the defaults), eager (no
-torch.compile), nographs (no CUDA graphs, no compile).
+torch.compile), nographs (no CUDA graphs, no compile). With ``LONG=1`` the timed and
+profiled run is instead 32 distinct prompts of 3,850 tokens + 128 new (16 new in the
+profile): issue 17's long-prompt case, where prefill dominates.
 """
 from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 import threading
 import time
@@ -40,8 +43,19 @@ def log(**fields):
         out.write(line + "\n")
 
 
-def generate(loop, count: int, new: int) -> float:
-    prompt = " ".join(f"w{100 + i}" for i in range(128 if DEVICE != "cpu" else 8))
+LONG = os.environ.get("LONG") == "1"
+
+
+def generate(loop, count: int, new: int, length: int = 0, salt: int = 0) -> float:
+    """Seconds to serve ``count`` prompts; ``length`` > 0: distinct prompts of that many
+    words, other ones for each ``salt`` (no prefix hits), else one 128-word prompt
+    repeated."""
+    if length:
+        rng = random.Random(salt)
+        texts = [" ".join(f"w{rng.randrange(10, 120000)}" for _ in range(length))
+                 for _ in range(count)]
+    else:
+        texts = [" ".join(f"w{100 + i}" for i in range(128 if DEVICE != "cpu" else 8))] * count
     done, pending = threading.Event(), [count]
 
     def sink(event):
@@ -51,8 +65,9 @@ def generate(loop, count: int, new: int) -> float:
                 done.set()
 
     started = time.perf_counter()
-    loop.submit([prompt] * count, GenerateParamsConfig(max_new_tokens=new, do_sample=False,
-                                                       ignore_eos=True), sink)
+    params = GenerateParamsConfig(max_new_tokens=new, do_sample=False, ignore_eos=True)
+    for text in texts:  # one request each, as concurrent clients send them
+        loop.submit([text], params, sink)
     if not done.wait(300):
         raise RuntimeError("generation did not finish")
     return time.perf_counter() - started
@@ -73,13 +88,21 @@ def probe(name: str, settings: dict) -> None:
     thread.start()
     try:
         generate(loop, 4, 8)
-        for rows in (1, 16, 64):
-            seconds = generate(loop, rows, 64)
-            log(variant=name, rows=rows, tok_s=round(rows * 64 / seconds, 1),
-                ms_per_step=round(seconds / 64 * 1e3, 2), build_s=round(built, 1))
+        if LONG:
+            length = 3850 if DEVICE != "cpu" else 40
+            generate(loop, 32, 8, length, salt=1)  # every prefill shape once
+            seconds = generate(loop, 32, 128, length, salt=2)
+            log(variant=name, case="long", rows=32, prompt=length, new=128,
+                tok_s=round(32 * 128 / seconds, 1), wall_s=round(seconds, 3),
+                prompt_tok_s=round(32 * length / seconds, 1), build_s=round(built, 1))
+        else:
+            for rows in (1, 16, 64):
+                seconds = generate(loop, rows, 64)
+                log(variant=name, rows=rows, tok_s=round(rows * 64 / seconds, 1),
+                    ms_per_step=round(seconds / 64 * 1e3, 2), build_s=round(built, 1))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                                 torch.profiler.ProfilerActivity.CPU]) as prof:
-            generate(loop, 16, 16)
+            generate(loop, 32, 16, length, salt=3) if LONG else generate(loop, 16, 16)
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
         with open(os.path.join(OUT, f"profile_{name}.txt"), "w") as out:
             out.write(table)

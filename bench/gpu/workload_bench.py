@@ -43,11 +43,20 @@ CASES: Dict[str, List[Tuple[int, int, int, int]]] = {
 }
 
 
-def prompts(n: int, pmin: int, pmax: int) -> List[str]:
-    """The anchors' prompts: seeded by the request count, words w10..w{VOCAB}."""
-    rng = random.Random(1234 + n)
+def prompts(n: int, pmin: int, pmax: int, salt: int = 0) -> List[str]:
+    """The anchors' prompts: seeded by the request count, words w10..w{VOCAB}. ``salt``
+    gives other prompts of the same shape: the warm-up's and the sampled cases' (our
+    prefix cache would otherwise serve them from the timed run's or the greedy case's
+    blocks; FastGen has none)."""
+    rng = random.Random(1234 + n + 100003 * salt)
     return [" ".join(f"w{rng.randrange(10, VOCAB)}" for _ in range(rng.randint(pmin, pmax)))
             for _ in range(n)]
+
+
+def case_prompts(name: str, n: int, pmin: int, pmax: int) -> Tuple[List[str], bool]:
+    """A case's prompts and whether it samples (cases named s*, on prompts of their own)."""
+    sample = name.startswith("s")
+    return prompts(n, pmin, pmax, salt=2 if sample else 0), sample
 
 
 def append_result(name: str, fields: Dict) -> None:
@@ -107,8 +116,9 @@ def ours() -> None:
         asyncio.run(run(["w11 w12 w13"] * 4, 4, 64))
         wait_for_peer()
         for name, (n, pmin, pmax, new) in cases():
-            texts, sample = prompts(n, pmin, pmax), name.startswith("s")
-            asyncio.run(run(texts[:min(n, 8)], 8, pmax + new + 16, sample))  # this shape, once
+            texts, sample = case_prompts(name, n, pmin, pmax)
+            warm = prompts(n, pmin, pmax, salt=1)[:min(n, 8)]
+            asyncio.run(run(warm, 8, pmax + new + 16, sample))  # this shape, once
             t0 = time.perf_counter()
             results = asyncio.run(run(texts, new, pmax + new + 16, sample))
             wall = time.perf_counter() - t0
@@ -131,8 +141,9 @@ def fastgen() -> None:
     pipe(["w11 w12 w13"] * 4, max_new_tokens=4)
     wait_for_peer()
     for name, (n, pmin, pmax, new) in cases():
-        texts, sample = prompts(n, pmin, pmax), name.startswith("s")
-        pipe(texts[:min(n, 8)], max_new_tokens=8, ignore_eos=True, do_sample=sample)
+        texts, sample = case_prompts(name, n, pmin, pmax)
+        pipe(prompts(n, pmin, pmax, salt=1)[:min(n, 8)], max_new_tokens=8, ignore_eos=True,
+             do_sample=sample)
         t0 = time.perf_counter()
         try:
             out = pipe(texts, max_new_tokens=new, ignore_eos=True, do_sample=sample)

@@ -77,7 +77,7 @@ class Executor:
         # banned while fewer than min_new_tokens precede it.
         banned = [seq.eos if seq.launched <= seq.params.min_new_tokens else None
                   for seq in rows]
-        indices = [seq.launched - 1 for seq in rows] if self._params.seeded else ()
+        indices = [seq.launched - 1 for seq in rows] if self._params.needs_indices else ()
         tokens = sample(logits, self._params, banned, indices=indices)
         self._device_tokens = tokens
         self._steps += 1

@@ -293,3 +293,27 @@ def test_token_times_include_the_wait_for_the_step(loaded):
     assert final.total_time_s >= 3 * _SlowReadExecutor.delay
     assert metrics.inter_token_latency.count == 2
     assert metrics.inter_token_latency.total >= 2 * _SlowReadExecutor.delay
+
+
+class _SlowTokenizer:
+    """The model's tokenizer, taking ``delay`` seconds to encode (a long prompt)."""
+
+    delay = 0.3
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def __call__(self, text, **kwargs):
+        time.sleep(self.delay)
+        return self.tokenizer(text, **kwargs)
+
+
+def test_time_to_first_token_includes_tokenizing(loaded):
+    """A request arrives when the replica takes it, before its prompt is tokenized: the
+    tokenizing is part of what a client waits for."""
+    kv = setup(loaded, "dynamic", max_batch_size=4)
+    intake = Intake(_SlowTokenizer(loaded.tokenizer), loaded.context_length,
+                    kv.space.max_tokens(), 0)
+    request = intake.request(1, ["DeepSpeed is"], GenerateParamsConfig(), lambda event: None)
+    assert time.time() - request.info.arrived_at >= _SlowTokenizer.delay
