@@ -11,7 +11,8 @@
 # SECOND_SERVE=1 (serve the model a second time: ready with the compile caches warm),
 # PROBE_VARIANTS (probe_paged.py), RETRY_EXTRA (a second config if ours fails),
 # LATENCY=1 (latency_bench.py: TTFT, ITL under a long prompt, prefix cache on / off),
-# SAMPLING_CHECK=1 (sampling_check.py: the sampling kernel checked and timed).
+# SAMPLING_CHECK=1 (sampling_check.py: the sampling kernel checked and timed),
+# VARLEN_TILES=1 (varlen_tiles.py: the prefill attention's tile candidates).
 # Results under $OUT: workload.jsonl, latency.jsonl, kernels.jsonl, sampling.jsonl, run.log.
 set -u
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -60,6 +61,10 @@ if [ "${SAMPLING_CHECK:-0}" = 1 ]; then
   timeout 120 python3 bench/gpu/sampling_check.py > "$OUT/sampling.log" 2>&1
   stamp "sampling check rc=$? $(grep -c '"ok": false' "$OUT/sampling.log") failing"
 fi
+if [ "${VARLEN_TILES:-0}" = 1 ]; then
+  timeout 150 python3 bench/gpu/varlen_tiles.py > "$OUT/varlen_tiles.log" 2>&1
+  stamp "varlen tiles rc=$? $(grep -c '"ok": false' "$OUT/varlen_tiles.log") failing"
+fi
 wait $build_pid
 stamp "model ready"
 if [ -n "${PROBE_VARIANTS:-}" ]; then  # in-process step times and kernel tables (probe_paged.py)
@@ -82,9 +87,11 @@ fi
 if [ "${LATENCY:-0}" = 1 ]; then  # issue 17's latency cases (latency_bench.py), then prefix off
   CASES="${LATENCY_CASES:-ttft4k itl_long prefix}" timeout 300 python3 bench/gpu/latency_bench.py 2>&1 | grep -v '^\[' | tail -20
   stamp "latency done rc=$?"
-  LABEL=no_prefix_cache CASES=prefix SERVE_EXTRA='{"prefix_caching": false}' \
-    timeout 200 python3 bench/gpu/latency_bench.py 2>&1 | grep -v '^\[' | tail -8
-  stamp "latency without prefix cache done rc=$?"
+  if [[ " ${LATENCY_CASES:-prefix} " == *" prefix "* ]]; then
+    LABEL=no_prefix_cache CASES=prefix SERVE_EXTRA='{"prefix_caching": false}' \
+      timeout 200 python3 bench/gpu/latency_bench.py 2>&1 | grep -v '^\[' | tail -8
+    stamp "latency without prefix cache done rc=$?"
+  fi
 fi
 grep -h '\[progress\]\|WARNING\|Error' "$MII_HOME"/logs/*.log 2>/dev/null | tail -40
 if [ "${SKIP_FASTGEN:-0}" != 1 ]; then

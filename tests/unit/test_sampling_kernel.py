@@ -95,15 +95,26 @@ def test_greedy_rows_take_the_first_maximum_and_bans_the_runner_up():
 
 def test_the_seed_decides_the_draw():
     logits = torch.zeros(12, 16)  # uniform: every token equally likely
-    first = launch(logits, [1.0] * 12, [2.0] * 12, [7] * 6 + list(range(100, 106)))
-    again = launch(logits, [1.0] * 12, [2.0] * 12, [7] * 6 + list(range(100, 106)))
+    keyed = [7] * 6 + [(1 << 32) + 100 + r for r in range(6)]
+    first = launch(logits, [1.0] * 12, [2.0] * 12, keyed)
+    again = launch(logits, [1.0] * 12, [2.0] * 12, keyed)
     assert first.tolist() == again.tolist()
     assert len(set(first[:6].tolist())) == 1 and len(set(first[6:].tolist())) > 1
-    # without per-row seeds, row r is keyed step_seed + r: rows differ, steps repeat
+    # without per-row seeds, row r is keyed 2**32 + step_seed + r: rows differ
     stepped = launch(logits, [1.0] * 12, [2.0] * 12, None, step_seed=100)
     assert stepped[:6].tolist() == first[6:].tolist()
     assert launch(logits, [1.0] * 12, [2.0] * 12, None, step_seed=100).tolist() == \
         stepped.tolist()
+
+
+def test_rows_of_adjacent_seeds_draw_independently():
+    """Row r's seed is step_seed + r: a hash that only permuted the noise among the
+    positions (index XOR seed) made neighbouring rows' tokens follow each other."""
+    got = launch(torch.zeros(256, 16), [1.0] * 256, [2.0] * 256, None, step_seed=12345)
+    uniform = torch.full((16,), 1 / 16)
+    for values in (got, (got[1:] - got[:-1]) % 16):  # tokens, and neighbours' differences
+        statistic, df = chi_square(values, uniform, len(values))
+        assert statistic < 37.70, (statistic, values.tolist())  # df 15, p = 0.001
 
 
 def test_rows_longer_than_one_tile_and_strided_bf16_logits():

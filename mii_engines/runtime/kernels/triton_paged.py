@@ -243,7 +243,7 @@ def _varlen_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, query
                    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
                    D_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
                    BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, MASK_ALL_TILES: tl.constexpr):
     """Program (tile, kvh): BLOCK_Q queries of one seq x kv head kvh's query heads.
 
     Seq s owns tiles [query_start[s] // BLOCK_Q + s, ...): that start grows by at least
@@ -298,9 +298,21 @@ def _varlen_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, query
             m_i = tl.full([BLOCK_M], MAX_START, dtype=tl.float32)
             l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
             acc = tl.zeros([BLOCK_M, D_P2], dtype=tl.float32)
+            table_row = tables_ptr + seq * stride_table
+            diagonal = key_start
+            if not (USE_WINDOW or MASK_ALL_TILES):
+                # Keys before the tile's first query are visible to each of its rows: no
+                # per-row mask there, only on the last BLOCK_Q keys (causal prefill).
+                diagonal = context + local * BLOCK_Q
+                m_i, l_i, acc = _attend_keys(
+                    q, m_i, l_i, acc, k_ptr, v_ptr, table_row, kv_head,
+                    key_start, diagonal, q_pos, window, qk_scale, softcap,
+                    stride_block, stride_slot, stride_head,
+                    BLOCK_SIZE, BLOCK_N, HEAD_DIM, D_P2, False, False, USE_SOFTCAP,
+                    DOT_PRECISION)
             m_i, l_i, acc = _attend_keys(
-                q, m_i, l_i, acc, k_ptr, v_ptr, tables_ptr + seq * stride_table, kv_head,
-                key_start, key_end, q_pos, window, qk_scale, softcap,
+                q, m_i, l_i, acc, k_ptr, v_ptr, table_row, kv_head,
+                diagonal, key_end, q_pos, window, qk_scale, softcap,
                 stride_block, stride_slot, stride_head,
                 BLOCK_SIZE, BLOCK_N, HEAD_DIM, D_P2, True, USE_WINDOW, USE_SOFTCAP,
                 DOT_PRECISION)
@@ -317,6 +329,9 @@ class Tiles:
     block_n: int  # keys per inner-loop step
     num_warps: int
     num_stages: int
+    # varlen: the causal mask on every key tile, not only the diagonal one (the kernel
+    # before 2026-12-02; kept for A/B timing in bench/gpu/varlen_tiles.py)
+    mask_all_tiles: bool = False
 
 
 def varlen_tiles(head_dim: int, group: int, element_size: int) -> Tiles:
@@ -436,7 +451,8 @@ def plan_launches(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
                                         num_kv_heads),
                        dict(out_ptr=out, **inputs),
                        dict(common, GROUP_P2=group_p2, BLOCK_Q=block_q,
-                            BLOCK_N=tiles.block_n), tiles.num_warps, tiles.num_stages)]
+                            BLOCK_N=tiles.block_n, MASK_ALL_TILES=tiles.mask_all_tiles),
+                       tiles.num_warps, tiles.num_stages)]
     tiles = decode_tiles(head_dim, query.element_size())
     if splits is None:
         splits = (decode_splits(num_seqs, num_kv_heads, max_blocks, block_size, tiles.block_n,

@@ -4,19 +4,23 @@ and per-row seeds, with no sort and no host synchronisation.
 Program r reads row r of the logits a tile at a time:
 
 1. One pass: the row's max and softmax sum (online), and the winner of a Gumbel race,
-   argmax of z_i + g_i with z = logits / temperature and g_i Gumbel noise from Philox
-   keyed by (the row's seed, i). Without top-p that winner is an exact categorical draw
+   argmax of z_i + g_i with z = logits / temperature and g_i Gumbel noise from a hash of
+   (the row's 64-bit seed, i). Without top-p that winner is an exact categorical draw
    (a greedy row, temperature 0, takes argmax z instead; the first maximum, as torch).
 2. Top-p by rejection: token j is in the nucleus iff the mass of the tokens above it,
-   sum of p_i over z_i > z_j, is below top_p (the sorted cumulative sum's rule, ties
-   aside). Each round checks the candidate in one pass; the same pass races the tokens
-   above it with the *same* noise. A rejected j is outside the nucleus and so is every
-   token at or below it, and the race over the tokens above j is, given everything seen
-   so far, a fresh categorical draw among them (in a Gumbel race the argmax over a subset
-   is independent of that subset's maximum and of the other tokens' noise), so the next
-   candidate is that race's winner. The accepted token is a draw from the nucleus; each
+   sum of p_i over z_i > z_j, is below top_p (the sorted cumulative sum's rule; tokens
+   tied at the cut are all kept). A pass over the logits checks the candidate. A
+   rejected j is outside the nucleus and so is every token at or below it; the tokens
+   above it are raced again with the *same* noise, and that race is, given everything
+   seen so far, a fresh categorical draw among them (in a Gumbel race the argmax over a
+   subset is independent of that subset's maximum and of the other tokens' noise), so
+   its winner is the next candidate. The accepted token is a draw from the nucleus; each
    round is accepted with probability mass(nucleus) / mass(tokens left) >= top_p, so a
    row takes at most 1 / top_p rounds on average (1.1 at the default 0.9).
+
+The noise is computed in pass 1 and in rejected rounds only; a hash (lowbias32, twice)
+costs a tenth of Philox's work per token, which at one row was most of the kernel's
+time (175 us for 128k tokens on an H200 with Philox).
 
 Rows with a top-k are finished by the caller (``sampling.py``, a top-k on those rows):
 the renormalised nucleus inside a top-k needs the top-k's mass, which this kernel does
@@ -31,30 +35,49 @@ import torch
 import triton
 import triton.language as tl
 
-# Tile of the vocabulary a program reads per iteration (4 * QUARTER): one Philox call
-# gives four uniforms, so a quarter as many calls as tokens.
-QUARTER = 1024
+TILE = 4096  # tokens of a row a program reads per iteration
 NUM_WARPS = 8
-# Smallest uniform used: u = 0 would give the token a key of -inf, and a row whose
-# remaining tokens all had such keys would race forever.
-MIN_UNIFORM = tl.constexpr(1.0e-30)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _tile(row_ptr, start, vocab, inv_t, noisy, ban, seed, QUARTER: tl.constexpr):
-    """Positions [start, start + 4 * QUARTER) of one row: their indices, scaled logits z
-    (-inf past the vocabulary and at the banned token) and race keys (z + Gumbel noise;
-    z itself for a greedy row). The noise of position i depends only on (seed, i)."""
-    quarter = tl.arange(0, QUARTER)
-    # start is a multiple of 4 * QUARTER, so these counters are this tile's alone
-    r0, r1, r2, r3 = tl.rand4x(seed, start // 4 + quarter)
-    # [QUARTER, 2, 2] -> flat q * 4 + 2a + b holds r_{2a+b}[q]: position start + flat
-    u = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [4 * QUARTER])
-    index = start + tl.arange(0, 4 * QUARTER)
+def _mix(x):
+    """A 32-bit integer hash with full avalanche (Wellons' lowbias32) of uint32 ``x``."""
+    x ^= x >> 16
+    x *= tl.full([], 0x7FEB352D, tl.uint32)
+    x ^= x >> 15
+    x *= tl.full([], 0x846CA68B, tl.uint32)
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def _noise_key(seed):
+    """A row's 32-bit noise key from its 64-bit seed (once per program)."""
+    low = (seed & 0xFFFFFFFF).to(tl.uint32)
+    high = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    return _mix(low ^ _mix(high))
+
+
+@triton.jit
+def _gumbel(key, index):
+    """Gumbel noise of position ``index`` under a row's ``key``: a uniform in (0, 1) from
+    two rounds of the hash (a tenth of Philox's work per token), then -ln(-ln u). The key
+    enters before the first round and between them: an index XORed or offset by the key
+    alone would only permute the same noise among the positions."""
+    bits = _mix(_mix(index.to(tl.uint32) + key) ^ key)
+    # 24 bits, centred in their interval: never 0 or 1, so the noise is always finite
+    u = (bits >> 8).to(tl.float32) * (1.0 / 16777216.0) + (0.5 / 16777216.0)
+    return -tl.log2(-tl.log2(u) * LN2) * LN2
+
+
+@triton.jit
+def _tile(row_ptr, start, vocab, inv_t, ban, TILE: tl.constexpr):
+    """Positions [start, start + TILE) of one row: their indices and scaled logits z
+    (-inf past the vocabulary and at the banned token)."""
+    index = start + tl.arange(0, TILE)
     x = tl.load(row_ptr + index, mask=index < vocab, other=float("-inf")).to(tl.float32)
-    z = tl.where(index == ban, float("-inf"), x * inv_t)
-    gumbel = -tl.log(-tl.log(tl.maximum(u, MIN_UNIFORM)))
-    return index, z, tl.where(noisy, z + gumbel, z)
+    return index, tl.where(index == ban, float("-inf"), x * inv_t)
 
 
 @triton.jit
@@ -63,9 +86,9 @@ def _scaled(row_ptr, index, inv_t):
     return tl.load(row_ptr + index).to(tl.float32) * inv_t
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step_seed"])  # a new value every step: one compilation
 def _sample_kernel(logits_ptr, stride_row, out_ptr, temperature_ptr, top_p_ptr, seeds_ptr,
-                   bans_ptr, step_seed, vocab, QUARTER: tl.constexpr,
+                   bans_ptr, step_seed, vocab, TILE: tl.constexpr,
                    HAS_SEEDS: tl.constexpr, HAS_BANS: tl.constexpr):
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
@@ -73,15 +96,15 @@ def _sample_kernel(logits_ptr, stride_row, out_ptr, temperature_ptr, top_p_ptr, 
     top_p = tl.load(top_p_ptr + row)
     if HAS_SEEDS:
         seed = tl.load(seeds_ptr + row)
-    else:  # Philox keys one apart still give independent streams
+    else:  # seeds one apart hash to unrelated keys
         seed = step_seed + row.to(tl.int64)
+    noise_key = _noise_key(seed)
     if HAS_BANS:
         ban = tl.load(bans_ptr + row)
     else:
         ban = -1
     noisy = temperature > 0
     inv_t = tl.where(noisy, 1.0 / tl.where(noisy, temperature, 1.0), 1.0)
-    TILE: tl.constexpr = 4 * QUARTER
 
     # 1. max and softmax sum of z; the race's winner (argmax z for a greedy row)
     m = float("-inf")
@@ -89,37 +112,40 @@ def _sample_kernel(logits_ptr, stride_row, out_ptr, temperature_ptr, top_p_ptr, 
     best_key = float("-inf")
     best = 0
     for start in range(0, vocab, TILE):
-        index, z, key = _tile(row_ptr, start, vocab, inv_t, noisy, ban, seed, QUARTER)
+        index, z = _tile(row_ptr, start, vocab, inv_t, ban, TILE)
         m_new = tl.maximum(m, tl.max(z, 0))
         # while every z so far is -inf (a banned first token), keep the sum at 0
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         total = total * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), 0)
         m = m_new
-        tile_key = tl.max(key, 0)
+        race = tl.where(noisy, z + _gumbel(noise_key, index), z)
+        tile_key = tl.max(race, 0)
         better = tile_key > best_key  # strictly: on a tie the earlier tile's token stays
-        best = tl.where(better, start + tl.argmax(key, 0), best)
+        best = tl.where(better, start + tl.argmax(race, 0), best)
         best_key = tl.where(better, tile_key, best_key)
 
-    # 2. top-p: reject the candidate while the mass above it reaches top_p
+    # 2. top-p: while the mass above the candidate reaches top_p, race the tokens above
     threshold = top_p * total
     z_best = _scaled(row_ptr, best, inv_t)
     go = noisy & (top_p < 1.0)
     while go:
         above_mass = 0.0
-        next_key = float("-inf")
-        nxt = best
-        for start in range(0, vocab, TILE):
-            index, z, key = _tile(row_ptr, start, vocab, inv_t, noisy, ban, seed, QUARTER)
-            above = z > z_best
-            above_mass += tl.sum(tl.where(above, tl.exp(z - m), 0.0), 0)
-            key = tl.where(above, key, float("-inf"))
-            tile_key = tl.max(key, 0)
-            better = tile_key > next_key
-            nxt = tl.where(better, start + tl.argmax(key, 0), nxt)
-            next_key = tl.where(better, tile_key, next_key)
+        for start in range(0, vocab, TILE):  # the check reads logits only: no noise
+            index, z = _tile(row_ptr, start, vocab, inv_t, ban, TILE)
+            above_mass += tl.sum(tl.where(z > z_best, tl.exp(z - m), 0.0), 0)
         go = above_mass >= threshold
-        best = tl.where(go, nxt, best)
-        z_best = _scaled(row_ptr, best, inv_t)
+        if go:  # rejected (at most 1 - top_p of the time): the next candidate
+            next_key = float("-inf")
+            nxt = best
+            for start in range(0, vocab, TILE):
+                index, z = _tile(row_ptr, start, vocab, inv_t, ban, TILE)
+                race = tl.where(z > z_best, z + _gumbel(noise_key, index), float("-inf"))
+                tile_key = tl.max(race, 0)
+                better = tile_key > next_key
+                nxt = tl.where(better, start + tl.argmax(race, 0), nxt)
+                next_key = tl.where(better, tile_key, next_key)
+            best = nxt
+            z_best = _scaled(row_ptr, best, inv_t)
     tl.store(out_ptr + row, best.to(tl.int64))
 
 
@@ -136,9 +162,11 @@ def run_sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Ten
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     out = torch.empty(rows, dtype=torch.long, device=logits.device)
-    quarter = min(QUARTER, max(16, triton.next_power_of_2(triton.cdiv(vocab, 4))))
+    tile = min(TILE, max(64, triton.next_power_of_2(vocab)))
+    # above 2**32 always: the argument stays int64, whatever the draw
+    step_seed = (1 << 32) | step_seed
     _sample_kernel[(rows,)](logits, logits.stride(0), out, temperature, top_p,
                             out if seeds is None else seeds, out if bans is None else bans,
-                            step_seed, vocab, QUARTER=quarter, HAS_SEEDS=seeds is not None,
+                            step_seed, vocab, TILE=tile, HAS_SEEDS=seeds is not None,
                             HAS_BANS=bans is not None, num_warps=NUM_WARPS)
     return out
