@@ -336,7 +336,12 @@ class Tiles:
 
 def varlen_tiles(head_dim: int, group: int, element_size: int) -> Tiles:
     """Tiles of the varlen kernel: 128 x 64 for 2-byte types up to head_dim 128; halved
-    where shared memory (K and V tiles per pipeline stage) or registers would run out."""
+    where shared memory (K and V tiles per pipeline stage) or registers would run out.
+
+    Three pipeline stages up to head_dim 64: 2-3 % faster than two on an H200 for the
+    1.5B's prefill shapes, and the best of eight candidates; 128 x 128 tiles were 30 %
+    slower (bench/gpu/varlen_tiles.py, bench/results/h200_1202b_defaults_llama1b.jsonl).
+    head_dim 128 keeps two: not measured with three."""
     d_p2 = _pow2(head_dim)
     if element_size <= 2 and d_p2 <= 128:
         block_m, block_n, warps = 128, 64, 8
@@ -346,7 +351,8 @@ def varlen_tiles(head_dim: int, group: int, element_size: int) -> Tiles:
         block_m, block_n, warps = 64, 32, 4
     else:
         block_m, block_n, warps = 32, 16, 8
-    return Tiles(max(block_m, _pow2(group)), block_n, warps, 2)
+    stages = 3 if element_size <= 2 and d_p2 <= 64 else 2
+    return Tiles(max(block_m, _pow2(group)), block_n, warps, stages)
 
 
 def decode_tiles(head_dim: int, element_size: int) -> Tiles:
