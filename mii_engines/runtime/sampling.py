@@ -2,7 +2,7 @@
 
 Nothing here waits for the device. On a GPU (CUDA tensors, triton importable) one
 kernel draws every row (``kernels/triton_sampling.py``: greedy, temperature, top-p by
-rejection, bans, per-row Philox seeds; no sort); rows with a top-k then take a top-k
+rejection, bans, per-row seeds; no sort); rows with a top-k then take a top-k
 over their own logits. Elsewhere (CPU) the rows are drawn with torch: greedy rows take
 an argmax; sampling rows are scaled by their temperature, cut to their top-k (a
 ``topk`` when every row has one, else one sort) and top-p, and drawn with the
@@ -24,7 +24,7 @@ from mii_core.config.models import GenerateParamsConfig
 from mii_engines.runtime.kernels.paged_attention import triton_available
 from mii_engines.runtime.runner.host_copy import to_device
 
-SEED_BITS = 62  # fresh seeds: below torch.randint's int64 bound, as Philox keys
+SEED_BITS = 62  # fresh seeds: below torch.randint's int64 bound, the kernel's noise keys
 
 
 @dataclass
@@ -34,6 +34,7 @@ class KernelRows:
     temperature: torch.Tensor  # [rows] float32; 0 for a greedy row
     top_p: torch.Tensor  # [rows] float32; >= 1 keeps every token
     seeds: List[Optional[int]]  # each row's request seed; None: unseeded
+    seeded: bool = False  # whether any row has a seed (built once, read every step)
 
 
 @dataclass
@@ -59,8 +60,7 @@ class RowParams:
     @property
     def needs_indices(self) -> bool:
         """Whether ``sample`` needs each row's token index (some row has a seed)."""
-        return bool(self.seeded) or (self.kernel is not None and
-                                     any(s is not None for s in self.kernel.seeds))
+        return bool(self.seeded) or (self.kernel is not None and self.kernel.seeded)
 
 
 def kernel_wanted(device: torch.device) -> bool:
@@ -77,12 +77,13 @@ def row_params(params: Sequence[GenerateParamsConfig], vocab: int, device: torch
     any_sampled = any(p.do_sample for p in params)
     kernel = None
     if use_kernel and any_sampled:
+        seeds = [p.seed if p.do_sample else None for p in params]
         kernel = KernelRows(
             to_device([(p.temperature or 1.0) if p.do_sample else 0.0 for p in params],
                       device, torch.float32),
             to_device([p.top_p if p.top_p < 1.0 else 2.0 for p in params],
                       device, torch.float32),
-            [p.seed if p.do_sample else None for p in params])
+            seeds, seeded=any(seed is not None for seed in seeds))
     # the rows torch draws: every sampling row, or only those with a top-k
     sampled = [i for i, p in enumerate(params) if p.do_sample and (
         kernel is None or min(p.top_k or vocab, vocab) < vocab)]
@@ -155,7 +156,7 @@ def sample(logits: torch.Tensor, rows: RowParams, banned: Sequence[Optional[int]
     if not rows.any_sampled and not ban:  # all greedy: the argmax needs no float copy
         return argmax_rows(logits)
     if rows.kernel is not None:
-        chosen = _kernel_sample(logits, rows.kernel, banned, generator, indices)
+        chosen = _kernel_sample(logits, rows.kernel, ban, generator, indices)
         if rows.sampled is None:
             return chosen
         return _draw(logits, rows, ban, generator, indices, chosen)
@@ -171,9 +172,9 @@ def sample(logits: torch.Tensor, rows: RowParams, banned: Sequence[Optional[int]
     return _draw(logits, rows, (), generator, indices, chosen)
 
 
-def _kernel_sample(logits: torch.Tensor, kernel: KernelRows,
-                   banned: Sequence[Optional[int]], generator: Optional[torch.Generator],
-                   indices: Sequence[int]) -> torch.Tensor:
+def _kernel_sample(logits: torch.Tensor, kernel: KernelRows, ban: Sequence[Tuple[int, int]],
+                   generator: Optional[torch.Generator], indices: Sequence[int]) -> torch.Tensor:
+    """The kernel's draw for every row; ``ban``: (row, token) pairs, as ``sample`` found."""
     from mii_engines.runtime.kernels.triton_sampling import run_sample
 
     if generator is not None:
@@ -181,12 +182,15 @@ def _kernel_sample(logits: torch.Tensor, kernel: KernelRows,
     else:
         step_seed = _unseeded.getrandbits(SEED_BITS)
     seeds = None
-    if any(seed is not None for seed in kernel.seeds):  # else the step copies nothing
+    if kernel.seeded:  # else the step copies nothing
         seeds = to_device([step_seed + i if seed is None else mixed_seed(seed, indices[i])
                            for i, seed in enumerate(kernel.seeds)], logits.device)
     bans = None
-    if any(token is not None for token in banned):
-        bans = to_device([-1 if token is None else token for token in banned], logits.device)
+    if ban:
+        row_bans = [-1] * logits.shape[0]
+        for row, token in ban:
+            row_bans[row] = token
+        bans = to_device(row_bans, logits.device)
     return run_sample(logits, kernel.temperature, kernel.top_p, step_seed, seeds, bans)
 
 

@@ -154,7 +154,7 @@ def run_sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Ten
                bans: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One token per row of ``logits`` [rows, vocab] (any float dtype, unit stride along
     the vocabulary). ``temperature`` [rows] float32, 0 for greedy; ``top_p`` [rows]
-    float32, >= 1 keeps every token. Row r's Philox seed is ``seeds[r]`` (int64 >= 0)
+    float32, >= 1 keeps every token. Row r's noise seed is ``seeds[r]`` (int64 >= 0)
     or, without ``seeds``, ``step_seed + r`` (0 <= step_seed < 2**62): a step of
     unseeded rows copies nothing to the device. ``bans`` [rows] int64: the token each
     row may not produce (-1: none)."""
