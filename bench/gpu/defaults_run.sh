@@ -13,7 +13,8 @@
 # LATENCY=1 (latency_bench.py: TTFT, ITL under a long prompt, prefix cache on / off),
 # SAMPLING_CHECK=1 (sampling_check.py: the sampling kernel checked and timed),
 # VARLEN_TILES=1 (varlen_tiles.py: the prefill attention's tile candidates).
-# Results under $OUT: workload.jsonl, latency.jsonl, kernels.jsonl, sampling.jsonl, run.log.
+# Results under $OUT: workload.jsonl, latency.jsonl, kernels.jsonl, sampling.jsonl, run.log,
+# logs.tgz (the deployments' logs).
 set -u
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO" || exit 1
@@ -99,6 +100,7 @@ if [ "${SKIP_FASTGEN:-0}" != 1 ]; then
     timeout 300 python3 bench/gpu/workload_bench.py 2>&1 | grep -v '^\[' | tail -30
   stamp "fastgen done"
 fi
+tar czf "$OUT/logs.tgz" -C "$MII_HOME" logs 2>/dev/null  # every process's log, timestamped
 ps -eo pid,args | grep -F "$MII_HOME/deployments" | grep -v grep && echo "=== WARNING: processes of ours left"
 grep -h RESULT "$OUT"/*.log 2>/dev/null | grep -v '"kind": "check"' | cut -c1-400
 stamp "end"

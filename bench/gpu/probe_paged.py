@@ -6,7 +6,7 @@ Each variant loads the model (transformers engine, bf16), builds rank 0's loop e
 as a replica does (``runtime.service.build_service``) with its settings, and runs
 prompts of 128 tokens + 64 new (greedy, ignore_eos) at 1 and 16 rows: in-process tok/s
 (no gRPC), then a torch.profiler table of the GPU kernels over one 16-row run
-(``$OUT/profile_<variant>.txt``). Variants: compiled (the defaults), eager (no
+(``$OUT/profile_<variant>.txt``; ``PROFILE_ROWS`` rows instead of 16). Variants: compiled (the defaults), eager (no
 torch.compile), nographs (no CUDA graphs, no compile). With ``LONG=1`` the timed and
 profiled run is instead 32 distinct prompts of 3,850 tokens + 128 new (16 new in the
 profile): issue 17's long-prompt case, where prefill dominates.
@@ -44,6 +44,7 @@ def log(**fields):
 
 
 LONG = os.environ.get("LONG") == "1"
+PROFILE_ROWS = int(os.environ.get("PROFILE_ROWS", "16"))
 
 
 def generate(loop, count: int, new: int, length: int = 0, salt: int = 0) -> float:
@@ -102,7 +103,7 @@ def probe(name: str, settings: dict) -> None:
                     ms_per_step=round(seconds / 64 * 1e3, 2), build_s=round(built, 1))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                                 torch.profiler.ProfilerActivity.CPU]) as prof:
-            generate(loop, 32, 16, length, salt=3) if LONG else generate(loop, 16, 16)
+            generate(loop, 32, 16, length, salt=3) if LONG else generate(loop, PROFILE_ROWS, 16)
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
         with open(os.path.join(OUT, f"profile_{name}.txt"), "w") as out:
             out.write(table)

@@ -149,7 +149,7 @@ class ModelConfig(_Strict):
     profile_model_time: bool = False
     """Log the mean model time per step every 100 steps (synchronizes the device each step)."""
     engine: str = DEFAULT_ENGINE
-    """Engine plugin name from the ``mii.engines`` group; auto = deepspeed if it imports. (mii extension)"""
+    """Engine plugin name from the ``mii.engines`` group; auto = deepspeed (if it imports) for tensor_parallel > 1 or inference_engine_config, else transformers. (mii extension)"""
     kv_cache: Literal["auto", "dynamic", "static", "paged"] = "auto"
     """``auto``: ``paged`` on a GPU, ``dynamic`` on CPU (and on a GPU for a model the paged
     cache cannot serve, with the reason logged). ``paged``: one pool of fixed-size blocks

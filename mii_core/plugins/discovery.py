@@ -96,13 +96,22 @@ def load_driver(kind: str, name: str) -> type:
                       f"{', '.join(names) or '(none)'}")
 
 
-def resolve_engine_name(name: str) -> str:
-    """Map ``auto`` to ``deepspeed`` where DeepSpeed is installed, else ``transformers``."""
+def resolve_engine_name(name: str, tensor_parallel: int = 1,
+                        engine_options: bool = False) -> str:
+    """Map ``auto`` to the engine that serves this configuration fastest.
+
+    ``deepspeed`` (where it is installed) when ranks share the model (tensor_parallel > 1)
+    or ``inference_engine_config`` carries options for it; else ``transformers``: at
+    tensor_parallel=1 AutoTP shards nothing and both engines run the same loop and KV
+    cache, but importing DeepSpeed costs a replica ~0.3 s on a CPU and seconds on a GPU
+    machine (its accelerator and op probes), and it loads the model on the CPU first.
+    """
     if name != "auto":
         return name
-    names = {info.name for info in discover("engine") if not info.error}
-    if "deepspeed" in names and importlib.util.find_spec("deepspeed") is not None:
-        return "deepspeed"
+    if tensor_parallel > 1 or engine_options:
+        names = {info.name for info in discover("engine") if not info.error}
+        if "deepspeed" in names and importlib.util.find_spec("deepspeed") is not None:
+            return "deepspeed"
     return "transformers"
 
 

@@ -41,9 +41,13 @@ def test_third_party_drivers_and_hooks_are_discovered():
     assert any("thirdparty_hooks" in name for name in names)
 
 
-def test_auto_engine_prefers_deepspeed_when_installed():
-    assert resolve_engine_name("auto") == "deepspeed"
-    assert resolve_engine_name("transformers") == "transformers"
+def test_auto_engine_is_deepspeed_where_it_shards_or_is_configured():
+    assert resolve_engine_name("auto", tensor_parallel=2) == "deepspeed"
+    assert resolve_engine_name("auto", engine_options=True) == "deepspeed"
+    # one rank: AutoTP shards nothing, and the transformers engine skips DeepSpeed's import
+    assert resolve_engine_name("auto") == "transformers"
+    assert resolve_engine_name("transformers", tensor_parallel=2) == "transformers"
+    assert resolve_engine_name("deepspeed") == "deepspeed"
 
 
 def test_round_robin_is_exact_and_skips_unhealthy():
