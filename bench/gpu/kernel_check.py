@@ -6,7 +6,11 @@ Correctness: random caches, block tables, query lengths and context lengths (dec
 mixed steps, GQA, sliding windows, softcap) in bf16 and fp32; ||out - ref|| / ||ref||
 against the reference computed in fp32 from the same inputs; outputs poisoned with NaN
 first. Timing (CUDA graphs of 50 launches, median of 5): decode at the Llama-1B and
-Mistral-7B head shapes, bytes of K/V read per call over the time = achieved bandwidth.
+Mistral-7B head shapes, bytes of K/V read per call over the time = achieved bandwidth;
+with block tables as wide as a served model's context (``table`` tokens: the split count a
+graph gets) for each ``share_keys`` (the fewest keys a decode share takes). The greedy
+argmax kernel against torch's argmax (ties, NaN, -inf rows) and timed against the torch
+chunked argmax.
 """
 from __future__ import annotations
 
@@ -21,6 +25,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from mii_engines.runtime.kernels.paged_attention import (  # noqa: E402
     paged_attention, reference_paged_attention, write_and_attend)
+from mii_engines.runtime.kernels.triton_argmax import run_argmax  # noqa: E402
+from mii_engines.runtime.kernels.triton_paged import DECODE_SHARE_KEYS  # noqa: E402
+from mii_engines.runtime.kernels.triton_paged import run_paged_attention  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
 
@@ -135,37 +142,81 @@ def replay_seconds(graph: torch.cuda.CUDAGraph, calls: int, reps: int = 5) -> fl
     return statistics.median(times)
 
 
-def time_decode(seqs, context, heads, kv_heads, dim, block=16):
-    max_blocks = -(-context // block)
-    args = list(inputs(0, True, heads, kv_heads, dim, torch.bfloat16, block, max_blocks, seqs))
-    args[4] = torch.full((seqs,), context, dtype=torch.int32, device="cuda")
-    out = torch.empty_like(args[0])
-    call = lambda: paged_attention(*args, scale=dim ** -0.5, decode_only=True, out=out)  # noqa
+def graph_seconds(call, calls: int = 50) -> float:
+    """Seconds per call of ``call`` replayed in a CUDA graph of ``calls`` calls."""
     for _ in range(3):
         call()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(50):
+        for _ in range(calls):
             call()
+    graph.replay()
+    torch.cuda.synchronize()
+    return replay_seconds(graph, calls)
+
+
+def time_decode(seqs, context, heads, kv_heads, dim, block=16, table=0,
+                share_keys=DECODE_SHARE_KEYS):
+    """``table``: tokens the block tables hold (0: the context), which sets the split count
+    as in a served graph (the model's whole context)."""
+    max_blocks = -(-max(context, table) // block)
+    args = list(inputs(0, True, heads, kv_heads, dim, torch.bfloat16, block, max_blocks, seqs))
+    args[4] = torch.full((seqs,), context, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(args[0])
+    call = lambda: run_paged_attention(*args, out, dim ** -0.5, 0, 0.0, True,  # noqa: E731
+                                       share_keys=share_keys)
+    seconds = graph_seconds(call)  # the output of the 50th launch of a replay is checked
     ref = torch.empty(args[0].shape, dtype=torch.float32, device="cuda")
     reference_paged_attention(*[a.float() if a.is_floating_point() else a for a in args], ref,
                               dim ** -0.5, 0, 0.0)
-    graph.replay()
-    torch.cuda.synchronize()
-    error = float((out.float() - ref).norm() / ref.norm())  # the 50th launch of a replay
-    seconds = replay_seconds(graph, 50)
+    error = float((out.float() - ref).norm() / ref.norm())
     kv_bytes = 2 * seqs * context * kv_heads * dim * 2
-    log(kind="time_decode", seqs=seqs, context=context, heads=heads, kv_heads=kv_heads, dim=dim,
-        us=round(seconds * 1e6, 2), kv_gb_s=round(kv_bytes / seconds / 1e9, 1), error=error,
-        ok=error < 2e-2)
+    log(kind="time_decode", seqs=seqs, context=context, table=table, share_keys=share_keys,
+        heads=heads, kv_heads=kv_heads, dim=dim, us=round(seconds * 1e6, 2),
+        kv_gb_s=round(kv_bytes / seconds / 1e9, 1), error=error, ok=error < 2e-2)
     return error < 2e-2
 
 
+def check_argmax() -> bool:
+    """The argmax kernel = torch's argmax, then both timed (bf16, 128,256 tokens)."""
+    from mii_engines.runtime import sampling
+
+    ok = True
+    vocab = 128256
+    for rows in (1, 16, 64, 256):
+        gen = torch.Generator(device="cuda").manual_seed(rows)
+        logits = torch.randn(rows, vocab + 8, generator=gen, device="cuda").bfloat16()[:, :vocab]
+        logits[0, 5000:] = 40.0  # ties across chunks: the first wins
+        if rows > 1:
+            logits[1, [7000, 90000]] = float("nan")
+        if rows > 2:
+            logits[2] = float("-inf")
+        good = torch.equal(run_argmax(logits), logits.argmax(dim=-1))
+        kernel_s = graph_seconds(lambda: run_argmax(logits))
+        wanted = sampling.kernel_wanted
+        sampling.kernel_wanted = lambda device: False  # the torch chunked path
+        try:
+            torch_s = graph_seconds(lambda: sampling.argmax_rows(logits))
+        finally:
+            sampling.kernel_wanted = wanted
+        ok &= good
+        log(kind="argmax", rows=rows, ok=good, kernel_us=round(kernel_s * 1e6, 2),
+            torch_chunked_us=round(torch_s * 1e6, 2))
+    return ok
+
+
 if __name__ == "__main__":
-    good = check() & check_write()
+    good = check() & check_write() & check_argmax()
     for seqs, context in ((1, 256), (64, 256), (256, 640), (64, 4096)):
         good &= time_decode(seqs, context, 32, 8, 64)
         good &= time_decode(seqs, context, 32, 8, 128)
+    # as served: one row's table spans a 128k context (1.5B) / 32k (7.2B), so it gets the
+    # most splits; at 16 and 64 rows filling the GPU sets them (an 8k table suffices)
+    for seqs, context in ((1, 256), (1, 1024), (1, 4096), (16, 256), (64, 256)):
+        for share_keys in (64, 256, 512):
+            good &= time_decode(seqs, context, 32, 8, 64, table=131072 if seqs == 1 else 8192,
+                                share_keys=share_keys)
+        good &= time_decode(seqs, context, 32, 8, 128, table=32768 if seqs == 1 else 8192)
     log(kind="summary", all_ok=good)
     sys.exit(0 if good else 1)

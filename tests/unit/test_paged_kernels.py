@@ -25,10 +25,11 @@ from mii_engines.runtime.kernels.triton_paged import (  # noqa: E402
     NewKeys, decode_splits, run_paged_attention)
 
 
-def _case(seed, decode_only, heads, kv_heads, dim, block):
+def _case(seed, decode_only, heads, kv_heads, dim, block, max_blocks=6):
     rnd = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
-    seqs, max_blocks, pool = rnd.randint(1, 4), 6, 40
+    seqs = rnd.randint(1, 4)
+    pool = max(40, 4 * max_blocks + 1)
     keys = torch.randn(pool, block, kv_heads, dim, generator=gen)
     values = torch.randn(pool, block, kv_heads, dim, generator=gen)
     tables = (torch.randperm(pool - 1, generator=gen)[:seqs * max_blocks] + 1)
@@ -59,9 +60,29 @@ def test_kernels_match_the_reference(decode_only, splits, window, softcap, heads
         assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("splits,share_keys", [(2, 1), (3, 1), (5, 64), (4, 10_000)])
+@pytest.mark.parametrize("window", [0, 37])
+def test_decode_shares_split_long_contexts_and_merge(splits, share_keys, window):
+    """Contexts of up to 240 keys in 32-key tiles (fp32): split into at most ``splits``
+    shares of at least ``share_keys`` keys, some shares left unused, merged by the
+    combine; one share (share_keys beyond every context) writes the output alone."""
+    heads, kv_heads, dim, block = 4, 2, 16, 8
+    longest = 0
+    for seed in range(6):
+        args = _case(seed, True, heads, kv_heads, dim, block, max_blocks=30)
+        longest = max(longest, int(args[4].max()))
+        expected = torch.full_like(args[0], float("nan"))
+        got = torch.full_like(args[0], float("nan"))
+        reference_paged_attention(*args, expected, dim ** -0.5, window, 0.0)
+        run_paged_attention(*args, got, dim ** -0.5, window, 0.0, True, splits,
+                            share_keys=share_keys)
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+    assert longest > 160  # five tiles or more: every split count above has work
+
+
+@pytest.mark.parametrize("splits,share_keys", [(1, 256), (3, 256), (3, 1)])
 @pytest.mark.parametrize("window", [0, 5])
-def test_decode_kernel_writes_the_new_keys_then_attends(splits, window):
+def test_decode_kernel_writes_the_new_keys_then_attends(splits, share_keys, window):
     """Given the step's keys/values, the decode kernel stores them at their slots (the
     pool there holds NaN before) and attends as if they had been written first; keys and
     values are read with their own strides (with the keys' strides for both, every
@@ -69,7 +90,7 @@ def test_decode_kernel_writes_the_new_keys_then_attends(splits, window):
     heads, kv_heads, dim, block = 4, 2, 16, 4
     for seed in range(4):
         query, keys, values, tables, lens, starts = _case(seed, True, heads, kv_heads, dim,
-                                                          block)
+                                                          block, max_blocks=30)
         tokens = query.shape[0]
         gen = torch.Generator().manual_seed(seed)
         # As a model hands them over: views with the same shape but rows of different
@@ -91,7 +112,8 @@ def test_decode_kernel_writes_the_new_keys_then_attends(splits, window):
         reference_paged_attention(query, expected_keys, expected_values, tables, lens,
                                   starts, expected, dim ** -0.5, window, 0.0)
         run_paged_attention(query, keys, values, tables, lens, starts, got, dim ** -0.5,
-                            window, 0.0, True, splits, new=NewKeys(new_keys, new_values, slots))
+                            window, 0.0, True, splits, new=NewKeys(new_keys, new_values, slots),
+                            share_keys=share_keys)
         assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
         assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
 

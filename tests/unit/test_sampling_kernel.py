@@ -178,3 +178,36 @@ def test_the_engine_loop_on_the_kernel_reproduces_a_seeded_request(tiny_model, m
         assert run(loop, prompts, do_sample=False, max_new_tokens=8,
                    ignore_eos=True).texts() == greedy.texts()
     assert other != first
+
+
+@pytest.mark.parametrize("vocab", [5, 4096, 10_000])
+def test_the_argmax_kernel_is_torchs_argmax(vocab):
+    """Ties (the first maximum wins, also across chunks), NaN (the first NaN wins), rows
+    of -inf, and rows further apart than the vocabulary (a view of wider logits)."""
+    from mii_engines.runtime.kernels.triton_argmax import run_argmax
+
+    gen = torch.Generator().manual_seed(vocab)
+    wide = torch.randn(7, vocab + 3, generator=gen).to(torch.bfloat16)
+    logits = wide[:, :vocab]
+    logits[1] = 1.0  # all tied: index 0
+    logits[2, vocab // 2:] = 50.0  # tied maxima in the later chunks: the first of them
+    logits[3, vocab - 1] = float("nan")
+    logits[3, vocab // 3] = float("nan")  # the first NaN wins
+    logits[4] = float("-inf")
+    logits[5, vocab - 1] = 100.0  # the last token
+    assert logits.stride(0) == vocab + 3
+    assert run_argmax(logits).tolist() == logits.argmax(dim=-1).tolist()
+    assert run_argmax(logits.float()).tolist() == logits.float().argmax(dim=-1).tolist()
+
+
+def test_greedy_sampling_takes_the_argmax_kernel_where_kernels_run(monkeypatch):
+    from mii_engines.runtime.kernels import triton_argmax
+
+    calls = []
+    monkeypatch.setattr(sampling, "kernel_wanted", lambda device: True)
+    real = triton_argmax.run_argmax
+    monkeypatch.setattr(triton_argmax, "run_argmax", lambda x: calls.append(x.shape) or real(x))
+    logits = torch.randn(3, 9000, generator=torch.Generator().manual_seed(1))
+    rows = row_params([GenerateParamsConfig(do_sample=False)] * 3, 9000, CPU)
+    assert sample(logits, rows).tolist() == logits.argmax(dim=-1).tolist()
+    assert calls == [(3, 9000)]

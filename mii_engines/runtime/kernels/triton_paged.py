@@ -5,8 +5,10 @@ the block table, online softmax in fp32, base-2 exponentials):
 
 - ``_decode_kernel`` (``decode_only``): flash-decoding. Grid (max(S, T), KVH, splits);
   program (s, kvh, k) takes every query head of kv head ``kvh`` at once (the group is the M
-  dimension of the ``tl.dot``, padded to 16) over the k-th share of seq s's keys. With one
-  split it writes the output; with more it writes (max, sum, acc) partials that
+  dimension of the ``tl.dot``, padded to 16) over the k-th share of seq s's keys. A share
+  takes at least ``DECODE_SHARE_KEYS`` keys, so the number of shares follows the context
+  at run time (the grid is the most a graph's table allows): a context that short is one
+  share, which writes the output; with more, each writes (max, sum, acc) partials that
   ``_combine_kernel`` (grid (S, KVH)) merges. Given the step's new keys/values, the
   program whose share holds the newest position first writes them into the pool: two
   launches per layer fewer (the K and V writes). Merging in the decode kernel instead
@@ -37,6 +39,10 @@ LOG2E_C = tl.constexpr(LOG2E)  # the same, for the kernels (globals they read ar
 MAX_START = tl.constexpr(-1.0e30)
 # More splits than this only adds combine work; a power of two keeps the split sizes even.
 MAX_DECODE_SPLITS = 32
+# Keys a decode share takes at least: a context of up to this many is one share, written
+# straight to the output. With 32 shares a 256-key context left 28 of them empty and the
+# combine (5.0 us a layer at one row on the H200) cost more than the attention (4.1 us).
+DECODE_SHARE_KEYS = 256
 
 
 @triton.jit
@@ -109,24 +115,36 @@ def _write_new_key(new_k_ptr, new_v_ptr, slots_ptr, k_ptr, v_ptr, token, kv_head
 
 
 @triton.jit
-def _merge_splits(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, token, first, heads,
-                  g_ok, rows_ok, offs_d, stride_ot, stride_oh,
-                  HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
-    """Merge the SPLITS partials (max, sum, acc) from index ``first`` of each head into
-    the output row of ``token``."""
+def _key_shares(seq_len, window, SPLITS: tl.constexpr, MIN_TILES: tl.constexpr,
+                BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr):
+    """(first key, keys per share, shares used) of one sequence in a decode step: at most
+    SPLITS shares of at least MIN_TILES key tiles each. A context that short is one share,
+    which writes the output itself: nothing to combine, no partials."""
+    first_key = 0
+    if USE_WINDOW:
+        first_key = tl.maximum(seq_len - window, 0)
+    tiles = tl.cdiv(seq_len - first_key, BLOCK_N)
+    per_share = tl.maximum(tl.cdiv(tiles, SPLITS), MIN_TILES)
+    return first_key, per_share * BLOCK_N, tl.cdiv(tiles, per_share)
+
+
+@triton.jit
+def _merge_splits(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, token, first, used, heads,
+                  g_ok, rows_ok, offs_d, stride_ot, stride_oh, HEAD_DIM: tl.constexpr):
+    """Merge the ``used`` partials (max, sum, acc) from index ``first`` of each head into
+    the output row of ``token``, in one pass (the running max rescales what came before)."""
     m_all = tl.full(heads.shape, MAX_START, dtype=tl.float32)
-    for k in range(SPLITS):
-        m_all = tl.maximum(m_all, tl.load(part_m_ptr + first + k, mask=g_ok,
-                                          other=MAX_START))
     total = tl.zeros(heads.shape, dtype=tl.float32)
     acc = tl.zeros(rows_ok.shape, dtype=tl.float32)
-    for k in range(SPLITS):
-        weight = tl.exp2(tl.load(part_m_ptr + first + k, mask=g_ok, other=MAX_START)
-                         - m_all)
-        total += weight * tl.load(part_l_ptr + first + k, mask=g_ok, other=0.0)
-        acc += weight[:, None] * tl.load(
+    for k in range(used):
+        m_k = tl.load(part_m_ptr + first + k, mask=g_ok, other=MAX_START)
+        m_new = tl.maximum(m_all, m_k)
+        before, weight = tl.exp2(m_all - m_new), tl.exp2(m_k - m_new)
+        total = total * before + weight * tl.load(part_l_ptr + first + k, mask=g_ok, other=0.0)
+        acc = acc * before[:, None] + weight[:, None] * tl.load(
             part_acc_ptr + (first + k)[:, None] * HEAD_DIM + offs_d[None, :],
             mask=rows_ok, other=0.0)
+        m_all = m_new
     result = acc / tl.where(g_ok, total, 1.0)[:, None]
     tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
              result.to(out_ptr.dtype.element_ty), mask=rows_ok)
@@ -143,10 +161,12 @@ def _decode_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
                    stride_table, stride_block, stride_slot, stride_head,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                    D_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SPLITS: tl.constexpr, WRITE_NEW: tl.constexpr, USE_WINDOW: tl.constexpr,
-                   USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Program (i, kvh, split): seq i's share ``split`` of its keys; and, in split 0, the
-    zeros of padding token i (i >= query_start[S]).
+                   SPLITS: tl.constexpr, MIN_TILES: tl.constexpr, WRITE_NEW: tl.constexpr,
+                   USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """Program (i, kvh, split): seq i's share ``split`` of its keys (``_key_shares``;
+    a share beyond those the context needs does nothing); and, in split 0, the zeros of
+    padding token i (i >= query_start[S]).
 
     WRITE_NEW: ``new_k``/``new_v`` [T, KVH, D] hold the step's keys/values, to be stored
     at ``slots[token]`` first. Only the share holding the newest position (seq_len - 1)
@@ -171,15 +191,12 @@ def _decode_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     if i < num_seqs:
         token = tl.load(query_start_ptr + i)
         q_len = tl.load(query_start_ptr + i + 1) - token
-        if q_len > 0:
-            seq_len = tl.load(seq_lens_ptr + i)
-            first_key = 0
-            if USE_WINDOW:
-                first_key = tl.maximum(seq_len - window, 0)
-            tiles = tl.cdiv(seq_len - first_key, BLOCK_N)
-            split_keys = tl.cdiv(tiles, SPLITS) * BLOCK_N
-            key_start = first_key + split * split_keys
-            key_end = tl.minimum(key_start + split_keys, seq_len)
+        seq_len = tl.load(seq_lens_ptr + i)
+        first_key, share_keys, used = _key_shares(seq_len, window, SPLITS, MIN_TILES, BLOCK_N,
+                                                  USE_WINDOW)
+        if (q_len > 0) & (split < used):
+            key_start = first_key + split * share_keys
+            key_end = tl.minimum(key_start + share_keys, seq_len)
             if WRITE_NEW:
                 if (key_start <= seq_len - 1) & (seq_len - 1 < key_end):
                     _write_new_key(new_k_ptr, new_v_ptr, slots_ptr, k_ptr, v_ptr, token,
@@ -199,13 +216,13 @@ def _decode_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
                 stride_block, stride_slot, stride_head,
                 BLOCK_SIZE, BLOCK_N, HEAD_DIM, D_P2, False, USE_WINDOW, USE_SOFTCAP,
                 DOT_PRECISION)
-            if SPLITS == 1:
+            if used == 1:
                 result = acc / l_i[:, None]
                 tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh
                          + offs_d[None, :], result.to(out_ptr.dtype.element_ty), mask=rows_ok)
             else:
-                # Partials [S, H, SPLITS] and [S, H, SPLITS, HEAD_DIM]; an empty share
-                # stores (MAX_START, 0, 0), which weighs nothing in the combine.
+                # Partials [S, H, SPLITS] and [S, H, SPLITS, HEAD_DIM]; the combine reads
+                # the first ``used`` of each head.
                 part = (i * num_heads + heads) * SPLITS + split
                 g_ok = offs_g < GROUP
                 tl.store(part_m_ptr + part, m_i, mask=g_ok)
@@ -214,25 +231,29 @@ def _decode_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
                          mask=rows_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window"])
 def _combine_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, query_start_ptr,
-                    num_heads, stride_ot, stride_oh,
+                    seq_lens_ptr, window, num_heads, stride_ot, stride_oh,
                     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    D_P2: tl.constexpr, SPLITS: tl.constexpr):
-    """Program (s, kvh): merge seq s's split partials of kv head kvh's query heads."""
+                    D_P2: tl.constexpr, SPLITS: tl.constexpr, MIN_TILES: tl.constexpr,
+                    BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr):
+    """Program (s, kvh): merge seq s's split partials of kv head kvh's query heads (none
+    when its keys took one share: the decode kernel wrote that output)."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     token = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - token
-    if q_len > 0:
+    _, _, used = _key_shares(tl.load(seq_lens_ptr + seq), window, SPLITS, MIN_TILES, BLOCK_N,
+                             USE_WINDOW)
+    if (q_len > 0) & (used > 1):
         offs_g = tl.arange(0, GROUP_P2)
         offs_d = tl.arange(0, D_P2)
         g_ok = offs_g < GROUP
         rows_ok = g_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
         heads = kv_head * GROUP + offs_g
         _merge_splits(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, token,
-                      (seq * num_heads + heads) * SPLITS, heads, g_ok, rows_ok, offs_d,
-                      stride_ot, stride_oh, HEAD_DIM, SPLITS)
+                      (seq * num_heads + heads) * SPLITS, used, heads, g_ok, rows_ok, offs_d,
+                      stride_ot, stride_oh, HEAD_DIM)
 
 
 @triton.jit(do_not_specialize=["num_seqs", "num_tokens", "window"])
@@ -416,14 +437,16 @@ def plan_launches(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
                   block_tables: torch.Tensor, seq_lens: torch.Tensor,
                   query_start: torch.Tensor, out: torch.Tensor, scale: float, window: int,
                   softcap: float, decode_only: bool, splits: Optional[int] = None,
-                  new: Optional[NewKeys] = None) -> List[Launch]:
+                  new: Optional[NewKeys] = None,
+                  share_keys: int = DECODE_SHARE_KEYS) -> List[Launch]:
     """The launches that write paged attention into ``out`` (arguments as
     ``paged_attention``'s, already checked), with the split-KV scratch they need allocated.
 
     ``splits`` forces the decode kernel's number of key shares (tests, benchmarks); by
     default it comes from ``decode_splits`` (1 for tensors that are not on a GPU).
     ``new`` (decode only): the step's keys/values, which the decode kernel writes into the
-    pool itself; otherwise they must be in the pool already.
+    pool itself; otherwise they must be in the pool already. ``share_keys``: the fewest
+    keys a decode share takes (benchmarks vary it).
     """
     num_tokens, num_heads, head_dim = query.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
@@ -477,17 +500,20 @@ def plan_launches(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
                 slots_ptr=written.slots, stride_nt=written.keys.stride(0),
                 stride_nh=written.keys.stride(1), stride_nvt=written.values.stride(0),
                 stride_nvh=written.values.stride(1), **inputs, num_heads=num_heads)
+    shares = dict(SPLITS=splits, MIN_TILES=max(1, share_keys // tiles.block_n),
+                  BLOCK_N=tiles.block_n, USE_WINDOW=window > 0)
     launches = [Launch(_decode_kernel, (max(num_seqs, num_tokens), num_kv_heads, splits), args,
-                       dict(common, GROUP_PAD=max(16, _pow2(group)), BLOCK_N=tiles.block_n,
-                            SPLITS=splits, WRITE_NEW=new is not None),
+                       dict(common, **shares, GROUP_PAD=max(16, _pow2(group)),
+                            WRITE_NEW=new is not None),
                        tiles.num_warps, tiles.num_stages)]
     if splits > 1 and num_seqs > 0:
         launches.append(Launch(
             _combine_kernel, (num_seqs, num_kv_heads),
-            dict(out_ptr=out, **partials, query_start_ptr=query_start, num_heads=num_heads,
+            dict(out_ptr=out, **partials, query_start_ptr=query_start,
+                 seq_lens_ptr=seq_lens, window=window, num_heads=num_heads,
                  stride_ot=out.stride(0), stride_oh=out.stride(1)),
-            dict(GROUP=group, GROUP_P2=_pow2(group), HEAD_DIM=head_dim, D_P2=d_p2,
-                 SPLITS=splits), num_warps=4, num_stages=1))
+            dict(shares, GROUP=group, GROUP_P2=_pow2(group), HEAD_DIM=head_dim, D_P2=d_p2),
+            num_warps=4, num_stages=1))
     return launches
 
 
@@ -495,9 +521,10 @@ def run_paged_attention(query: torch.Tensor, key_cache: torch.Tensor,
                         value_cache: torch.Tensor, block_tables: torch.Tensor,
                         seq_lens: torch.Tensor, query_start: torch.Tensor, out: torch.Tensor,
                         scale: float, window: int, softcap: float, decode_only: bool,
-                        splits: Optional[int] = None, new: Optional[NewKeys] = None) -> None:
+                        splits: Optional[int] = None, new: Optional[NewKeys] = None,
+                        share_keys: int = DECODE_SHARE_KEYS) -> None:
     """Write paged attention into ``out``: every launch of ``plan_launches``, in order."""
     for launch in plan_launches(query, key_cache, value_cache, block_tables, seq_lens,
                                 query_start, out, scale, window, softcap, decode_only, splits,
-                                new):
+                                new, share_keys):
         launch.run()
