@@ -12,7 +12,8 @@
 # PROBE_VARIANTS (probe_paged.py), RETRY_EXTRA (a second config if ours fails),
 # LATENCY=1 (latency_bench.py: TTFT, ITL under a long prompt, prefix cache on / off),
 # SAMPLING_CHECK=1 (sampling_check.py: the sampling kernel checked and timed),
-# VARLEN_TILES=1 (varlen_tiles.py: the prefill attention's tile candidates).
+# VARLEN_TILES=1 (varlen_tiles.py: the prefill attention's tile candidates),
+# IMPORT_TIMES=1 (seconds of torch, CUDA init, transformers, deepspeed; -X importtime).
 # Results under $OUT: workload.jsonl, latency.jsonl, kernels.jsonl, sampling.jsonl, run.log,
 # logs.tgz (the deployments' logs).
 set -u
@@ -65,6 +66,11 @@ fi
 if [ "${VARLEN_TILES:-0}" = 1 ]; then
   timeout 150 python3 bench/gpu/varlen_tiles.py > "$OUT/varlen_tiles.log" 2>&1
   stamp "varlen tiles rc=$? $(grep -c '"ok": false' "$OUT/varlen_tiles.log") failing"
+fi
+if [ "${IMPORT_TIMES:-0}" = 1 ]; then  # what a replica's start spends before loading
+  python3 -c "import time; t = time.time(); import torch; a = time.time(); torch.cuda.set_device(0); b = time.time(); import transformers; from transformers import AutoModelForCausalLM; c = time.time(); import deepspeed; d = time.time(); print('RESULT', {'kind': 'import_times', 'torch_s': round(a - t, 2), 'cuda_init_s': round(b - a, 2), 'transformers_s': round(c - b, 2), 'deepspeed_s': round(d - c, 2)})" 2>&1 | grep RESULT
+  python3 -X importtime -c "import torch; from transformers import AutoModelForCausalLM" 2> "$OUT/importtime.log" >/dev/null
+  sort -t'|' -k2 -n -r "$OUT/importtime.log" | head -25
 fi
 wait $build_pid
 stamp "model ready"

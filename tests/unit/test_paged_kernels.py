@@ -119,7 +119,7 @@ def test_decode_kernel_writes_the_new_keys_then_attends(splits, share_keys, wind
 
 
 def test_decode_splits_fill_the_gpu_only_when_the_batch_does_not():
-    assert decode_splits(1, 8, 256, 16, 64, 132) == 32  # capped at MAX_DECODE_SPLITS
+    assert decode_splits(1, 8, 256, 16, 64, 132) == 16  # capped at MAX_DECODE_SPLITS
     assert decode_splits(64, 8, 256, 16, 64, 132) == 1
     assert decode_splits(1, 8, 2, 16, 64, 132) == 1  # never more shares than key tiles
 

@@ -37,12 +37,14 @@ LOG2E_C = tl.constexpr(LOG2E)  # the same, for the kernels (globals they read ar
 # Start of the running max: finite, so a row that has seen only masked keys so far gets
 # exp2(-inf - (-1e30)) = 0 instead of exp2(-inf - -inf) = NaN.
 MAX_START = tl.constexpr(-1.0e30)
-# More splits than this only adds combine work; a power of two keeps the split sizes even.
-MAX_DECODE_SPLITS = 32
-# Keys a decode share takes at least: a context of up to this many is one share, written
-# straight to the output. With 32 shares a 256-key context left 28 of them empty and the
-# combine (5.0 us a layer at one row on the H200) cost more than the attention (4.1 us).
-DECODE_SHARE_KEYS = 256
+# Shares of one (seq, kv head) at most, and the fewest keys one takes (a context of up to
+# that many is one share, written straight to the output). Chosen on the H200
+# (kernel_check.py, one row, 128k-token tables, us a layer call): before, 32 shares with
+# no minimum: a 256-key context left 28 shares empty and took 4.1 us + 5.0 in the combine.
+# At 256 / 1,024 / 4,096 keys: 64 keys a share 5.5 / 9.6 / 16.7 us, 256 keys 7.3 / 9.6 /
+# 14.9, 512 keys 7.2 / 12.6 / 15.6; 16 shares of >= 64 keys is the best of each column.
+MAX_DECODE_SPLITS = 16
+DECODE_SHARE_KEYS = 64
 
 
 @triton.jit
@@ -392,8 +394,8 @@ def decode_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, block_size:
                   block_n: int, multiprocessors: int) -> int:
     """How many shares of its keys each (seq, kv head) of a decode step is split into.
 
-    Enough programs to fill the GPU about twice when S x KVH is small, 1 when it is
-    large; never more shares than key tiles in the longest context the table can hold
+    Enough programs to fill the GPU about twice when S x KVH is small (at most
+    MAX_DECODE_SPLITS), 1 when it is large; never more shares than key tiles in the longest context the table can hold
     (max_blocks x block_size): a shape-only choice, so one graph serves any lengths.
     """
     programs = max(1, num_seqs * num_kv_heads)
