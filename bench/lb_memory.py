@@ -12,6 +12,8 @@ rounds, and the load balancer's thread count at the end (threads must not pile u
 Patterns:
 - ``unary``: a unary call served at once;
 - ``stream``: a stream of ``STREAM_PIECES`` pieces read to its end;
+- ``long_stream``: a stream of ``ABANDONED_PIECES`` pieces sent at once, read to its end
+  (what the load balancer costs per message);
 - ``abandon``: a stream of pieces sent every millisecond, abandoned by its client after
   the first (the soak's "cancel" client; replies are in flight when it leaves);
 - ``cancel_unary``: a unary call the replica holds, cancelled by its client once the
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Dict, List
 
@@ -44,8 +47,9 @@ from mii_transport.grpc.generated import mii_pb2, mii_pb2_grpc
 
 STREAM_PIECES = 8
 ABANDONED_PIECES = 200  # more than any client reads: the stream is always cut short
+PIECE_INTERVAL_S = float(os.environ.get("LB_MEMORY_PIECE_INTERVAL_S", "0.001"))
 HOLD_S = 30.0  # how long a held call waits at the replica (the client leaves first)
-PATTERNS = ("unary", "stream", "abandon", "cancel_unary", "deadline")
+PATTERNS = ("unary", "stream", "long_stream", "abandon", "cancel_unary", "deadline")
 
 
 class FakeReplica(mii_pb2_grpc.MIIServiceServicer, health_pb2_grpc.HealthServicer):
@@ -79,15 +83,17 @@ class FakeReplica(mii_pb2_grpc.MIIServiceServicer, health_pb2_grpc.HealthService
 
     async def GenerateStream(self, request, context):
         long = request.prompts[0] == "long"
+        finished = False
         try:
-            for piece in range(ABANDONED_PIECES if long else STREAM_PIECES):
+            for piece in range(ABANDONED_PIECES if long or request.prompts[0] == "many"
+                               else STREAM_PIECES):
                 yield self._reply()
                 if long:
-                    await asyncio.sleep(0.001)
+                    await asyncio.sleep(PIECE_INTERVAL_S)
             yield self._reply("length")
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            raise
+            finished = True
+        finally:  # cancelled at an await, or closed at a yield (GeneratorExit)
+            self.cancelled += not finished
 
     async def Check(self, request, context):
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
@@ -100,7 +106,9 @@ def _measure() -> Dict[str, int]:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/statm") as handle:
         rss = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return {"rss": rss, "threads": threading.active_count()}
+    traced = tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else 0
+    return {"rss": rss, "threads": threading.active_count(), "cpu_s": time.process_time(),
+            "traced": traced}
 
 
 def _answer_measurements() -> None:
@@ -115,6 +123,9 @@ def serve_load_balancer(port: int, replicas: List[str]) -> None:
     from mii_core.routing.schedulers.round_robin import RoundRobinScheduler
     from mii_transport.grpc.load_balancer import LoadBalancerServicer
     from mii_transport.grpc.server import run_server
+
+    if os.environ.get("LB_MEMORY_TRACEMALLOC"):
+        tracemalloc.start()
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -178,6 +189,9 @@ async def one_call(stub: mii_pb2_grpc.MIIServiceStub, pattern: str,
         await stub.Generate(_request("x"))
     elif pattern == "stream":
         async for _ in stub.GenerateStream(_request("x")):
+            pass
+    elif pattern == "long_stream":
+        async for _ in stub.GenerateStream(_request("many")):
             pass
     elif pattern == "abandon":
         call = stub.GenerateStream(_request("long"))
@@ -246,7 +260,10 @@ async def run(patterns: List[str], warmup: int, count: int, rounds: int,
                 "calls_measured": count * rounds,
                 "bytes_per_call": round(_slope(done, rss), 1),
                 "rss_mb": [round(r / 2**20, 2) for r in rss],
+                "python_bytes_per_call": round(_slope(done, [s["traced"] for s in samples]), 1),
                 "threads_end": samples[-1]["threads"],
+                "cpu_us_per_call": round(1e6 * (samples[-1]["cpu_s"] - samples[0]["cpu_s"])
+                                         / (count * rounds), 1),
                 "replica_saw_cancel": sum(r.cancelled for r in replicas),
                 "seconds": round(time.monotonic() - started, 1)}
             print(pattern, json.dumps(report[pattern]), flush=True)

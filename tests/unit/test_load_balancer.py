@@ -136,7 +136,7 @@ def test_a_probe_tells_serving_not_serving_and_no_answer():
             await replica.server.stop(None)  # nor does one that is gone
             assert await channel.probe(2.0) is None
         finally:
-            await channel.channel.close()
+            channel.close()
             await replica.server.stop(None)
 
     asyncio.run(main())
