@@ -3,11 +3,15 @@
 The load balancer (``LoadBalancerServicer`` served by ``run_server``, as a deployment
 runs it) is a child process of its own, so that its RSS is its alone; the fake replicas
 and the clients run in this process. For each pattern: ``--warmup`` calls, then
-``--rounds`` rounds of ``--calls`` calls (``--concurrency`` at a time), the load
-balancer's RSS read after each round, after ``gc.collect()`` and ``malloc_trim(0)``
-(memory that the allocator holds free is given back first, so what grows is what is
-still allocated, not fragmentation). Reported: bytes per call, as the slope over the
-rounds, and the load balancer's thread count at the end (threads must not pile up).
+``--rounds`` rounds of ``--calls`` calls (``--concurrency`` at a time; long streams make
+``SHARE`` of that), the load balancer's RSS read after each round, after
+``gc.collect()`` and ``malloc_trim(0)`` (memory that the allocator holds free is given
+back first, so what grows is what is still allocated, not fragmentation). Reported:
+bytes per call, as the slope over the rounds (``python_bytes_per_call``: the same of
+what tracemalloc traces, with ``LB_MEMORY_TRACEMALLOC=1``); the load balancer's CPU
+time per call over the rounds (divide by ``messages_per_call`` for a message's); and its
+thread count at the end (threads must not pile up). ``LB_MEMORY_PIECE_INTERVAL_S``
+spaces an abandoned stream's pieces (0.001 s).
 
 Patterns:
 - ``unary``: a unary call served at once;
@@ -50,6 +54,10 @@ ABANDONED_PIECES = 200  # more than any client reads: the stream is always cut s
 PIECE_INTERVAL_S = float(os.environ.get("LB_MEMORY_PIECE_INTERVAL_S", "0.001"))
 HOLD_S = 30.0  # how long a held call waits at the replica (the client leaves first)
 PATTERNS = ("unary", "stream", "long_stream", "abandon", "cancel_unary", "deadline")
+# Replies a call of each pattern gets (to give the CPU per message) and the share of
+# ``--calls`` it makes (a long stream costs as much as ~25 short ones).
+MESSAGES = {"stream": STREAM_PIECES + 1, "long_stream": ABANDONED_PIECES + 1}
+SHARE = {"long_stream": 1 / 25}
 
 
 class FakeReplica(mii_pb2_grpc.MIIServiceServicer, health_pb2_grpc.HealthServicer):
@@ -234,11 +242,12 @@ def _slope(xs: List[float], ys: List[float]) -> float:
             / sum((x - mean_x) ** 2 for x in xs))
 
 
-async def run(patterns: List[str], warmup: int, count: int, rounds: int,
+async def run(patterns: List[str], warmup: int, calls_per_round: int, rounds: int,
               concurrency: int) -> Dict[str, Dict]:
     """Each pattern against a fresh load balancer process; its report per pattern."""
     report = {}
     for pattern in patterns:
+        count = max(1, round(calls_per_round * SHARE.get(pattern, 1.0)))
         replicas = [FakeReplica(0), FakeReplica(1)]
         for replica in replicas:
             await replica.server.start()
@@ -247,7 +256,8 @@ async def run(patterns: List[str], warmup: int, count: int, rounds: int,
             async with grpc.aio.insecure_channel(f"127.0.0.1:{lb.port}") as channel:
                 stub = mii_pb2_grpc.MIIServiceStub(channel)
                 started = time.monotonic()
-                await calls(stub, pattern, replicas, warmup, concurrency)
+                await calls(stub, pattern, replicas,
+                            max(1, round(warmup * SHARE.get(pattern, 1.0))), concurrency)
                 await asyncio.sleep(0.5)  # cancelled calls finish at the replicas
                 samples = [lb.measure()]
                 for _ in range(rounds):
@@ -264,6 +274,7 @@ async def run(patterns: List[str], warmup: int, count: int, rounds: int,
                 "threads_end": samples[-1]["threads"],
                 "cpu_us_per_call": round(1e6 * (samples[-1]["cpu_s"] - samples[0]["cpu_s"])
                                          / (count * rounds), 1),
+                "messages_per_call": MESSAGES.get(pattern, 1),
                 "replica_saw_cancel": sum(r.cancelled for r in replicas),
                 "seconds": round(time.monotonic() - started, 1)}
             print(pattern, json.dumps(report[pattern]), flush=True)
