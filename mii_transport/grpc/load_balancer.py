@@ -149,8 +149,8 @@ class LoadBalancerServicer(mii_pb2_grpc.MIIServiceServicer):
         except (MIIError, grpc.RpcError) as error:
             await _fail(context, error)
         finally:
-            # The client left (the handler was cancelled, or closed at its yield): stop the
-            # replica's generation now. A no-op on a call that ended.
+            # The client left (the handler was cancelled, or a write to it failed): stop
+            # the replica's generation now. A no-op on a call that ended.
             if forwarded is not None:
                 forwarded.cancel()
             if call is not None:
