@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from typing import List, Optional
 
 import grpc
@@ -33,6 +34,7 @@ class FakeReplica(mii_pb2_grpc.MIIServiceServicer, health_pb2_grpc.HealthService
         self.mode = "serve"
         self.health: Optional[int] = SERVING
         self.calls = 0
+        self.cancelled = 0  # held calls whose caller (the load balancer) cancelled them
         self.never = asyncio.Event()
         self.info_in_flight = False
         self.peers: List["FakeReplica"] = [self]
@@ -47,7 +49,11 @@ class FakeReplica(mii_pb2_grpc.MIIServiceServicer, health_pb2_grpc.HealthService
 
     async def _act(self, context) -> None:
         if self.mode == "hold":
-            await self.never.wait()
+            try:
+                await self.never.wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
         elif self.mode == "lose":
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica is shutting down")
 
@@ -136,7 +142,7 @@ def test_a_probe_tells_serving_not_serving_and_no_answer():
             await replica.server.stop(None)  # nor does one that is gone
             assert await channel.probe(2.0) is None
         finally:
-            await channel.channel.close()
+            channel.close()
             await replica.server.stop(None)
 
     asyncio.run(main())
@@ -203,7 +209,13 @@ def test_a_call_whose_replica_was_lost_is_retried_once_on_each_other_replica():
     asyncio.run(_with_load_balancer(body))
 
 
-def test_a_call_whose_client_left_is_cancelled_not_retried():
+def _forwarding_threads() -> List[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "forward-stream"]
+
+
+def test_a_call_whose_client_left_is_cancelled_at_the_replica_not_retried():
+    """The replica hears the cancel of a unary call and of an abandoned stream (within the
+    hang guard: nothing else would end them), and the stream's thread ends."""
     async def body(lb, stub, replicas):
         for replica in replicas:
             replica.mode = "hold"
@@ -211,11 +223,33 @@ def test_a_call_whose_client_left_is_cancelled_not_retried():
         await _until(lambda: replicas[0].calls == 1)  # round robin: 0, then 1
         stream = stub.GenerateStream(_request("piece first"))
         assert (await stream.read()).replica == 1
+        assert len(_forwarding_threads()) == 1
         unary.cancel()
         stream.cancel()
+        await _until(lambda: [r.cancelled for r in replicas] == [1, 1])
         await _until(lambda: [r["outstanding"] for r in lb.router.describe()] == [0, 0])
+        await _until(lambda: not _forwarding_threads())
         assert [r.calls for r in replicas] == [1, 1]
         assert all(r["healthy"] for r in lb.router.describe())
+
+    asyncio.run(_with_load_balancer(body))
+
+
+def test_a_deadline_reaches_the_replica():
+    """The client's deadline goes with the forwarded calls: the replica's calls end
+    when it passes, the client gets DEADLINE_EXCEEDED, nothing is retried."""
+    async def body(lb, stub, replicas):
+        for replica in replicas:
+            replica.mode = "hold"
+        assert (await _failure(stub.Generate(_request(), timeout=0.5)))[0] == \
+            grpc.StatusCode.DEADLINE_EXCEEDED
+        stream = stub.GenerateStream(_request("piece first"), timeout=0.5)
+        assert (await stream.read()).replica == 1
+        assert (await _failure(stream.read()))[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+        await _until(lambda: [r.cancelled for r in replicas] == [1, 1])
+        await _until(lambda: [r["outstanding"] for r in lb.router.describe()] == [0, 0])
+        await _until(lambda: not _forwarding_threads())
+        assert [r.calls for r in replicas] == [1, 1]
 
     asyncio.run(_with_load_balancer(body))
 
