@@ -11,7 +11,8 @@ synchronous API's completion queue is drained by grpc's own thread, which consum
 every event, failed or not, so nothing is left behind (``bench/lb_memory.py``).
 
 A unary call completes through ``future()`` and a done callback; a stream's replies are
-pulled by a thread of its own (it ends with the stream) into an asyncio queue. Either is
+pulled by a thread of its own (it ends with the stream) into an asyncio queue, the
+loop woken once per burst of replies (``_Handoff``). Either is
 cancelled, and the replica told at once, by ``cancel()`` or by cancelling the task that
 awaits it.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from typing import AsyncIterator, Generic, Optional, Sequence, Tuple, TypeVar, Union
 
 import grpc
@@ -79,6 +81,50 @@ class ForwardedUnary(Generic[Reply]):
 _END = object()  # the queue's last item when a stream ended normally
 
 
+class _Handoff:
+    """Replies from the streams' threads to their queues on one event loop, with one
+    wake-up of the loop per burst: every stream of a decode step gets its reply at about
+    the same time, and a wake-up (a write to the loop's self-pipe, then its epoll
+    return) per reply was a share of the load balancer's CPU per message."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list = []
+        self._scheduled = False
+
+    def put(self, queue: asyncio.Queue, item: object) -> bool:
+        """Queue ``item`` for ``queue`` (from any thread); False if the loop is closed."""
+        with self._lock:
+            self._items.append((queue, item))
+            if self._scheduled:
+                return True
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed: the load balancer is shutting down
+            return False
+        return True
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+_HANDOFFS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Handoff]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _handoff(loop: asyncio.AbstractEventLoop) -> _Handoff:
+    """The loop's one ``_Handoff`` (created on the loop's own thread)."""
+    handoff = _HANDOFFS.get(loop)
+    if handoff is None:
+        handoff = _HANDOFFS[loop] = _Handoff(loop)
+    return handoff
+
+
 class ForwardedStream(Generic[Reply]):
     """A server-streaming call to a replica, iterated with ``async for``; ``cancel()``
     from the loop at any time. Iterating raises ``grpc.RpcError`` when the call failed
@@ -87,7 +133,7 @@ class ForwardedStream(Generic[Reply]):
 
     def __init__(self, method: grpc.UnaryStreamMultiCallable, request: object,
                  timeout: Optional[float], metadata: Metadata = ()) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._handoff = _handoff(asyncio.get_running_loop())
         self._queue: asyncio.Queue[Union[Reply, grpc.RpcError, object]] = asyncio.Queue()
         self._call = method(request, timeout=timeout, metadata=metadata)
         self._thread = threading.Thread(target=self._pull, name="forward-stream", daemon=True)
@@ -104,9 +150,7 @@ class ForwardedStream(Generic[Reply]):
             self._put(_END)
 
     def _put(self, item: object) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the loop is closed: the load balancer is shutting down
+        if not self._handoff.put(self._queue, item):  # the load balancer is shutting down
             self._call.cancel()
 
     def cancel(self) -> None:
