@@ -62,8 +62,7 @@ def prepare(mii_config: MIIConfig) -> MIIConfig:
     """Run plugin hooks and every check that needs no new process; returns the config to serve."""
     hooks().mii_adjust_config(mii_config=mii_config)
     model = mii_config.model_conf
-    model.engine = resolve_engine_name(model.engine, model.tensor_parallel,
-                                       bool(model.inference_engine_config))
+    model.engine = resolve_engine_name(model)
     engine = load_driver("engine", model.engine)()
     scheduler = load_driver("scheduler", mii_config.scheduler)(model.replica_num)
     load_driver("transport", mii_config.transport)

@@ -43,9 +43,7 @@ class MIIPipeline:
                 f"tensor_parallel={model_config.tensor_parallel}: mii.pipeline runs in one "
                 "process; use mii.serve(...) for tensor parallelism (it starts the ranks)")
         check_tensor_parallel(model_dir_config(model_config), model_config.tensor_parallel)
-        model_config.engine = resolve_engine_name(
-            model_config.engine, model_config.tensor_parallel,
-            bool(model_config.inference_engine_config))
+        model_config.engine = resolve_engine_name(model_config)
         self.model_config = model_config
         self.all_rank_output = all_rank_output  # MII's keyword; one rank here, so no effect
         device = "cuda:0" if count_local_gpus() else "cpu"

@@ -16,6 +16,7 @@ from typing import Any, Iterator, List, Optional
 import pluggy
 from stevedore import ExtensionManager
 
+from mii_core.config.models import ModelConfig
 from mii_core.constants import (
     ENGINE_GROUP,
     PLUGIN_GROUP,
@@ -96,9 +97,8 @@ def load_driver(kind: str, name: str) -> type:
                       f"{', '.join(names) or '(none)'}")
 
 
-def resolve_engine_name(name: str, tensor_parallel: int = 1,
-                        engine_options: bool = False) -> str:
-    """Map ``auto`` to the engine that serves this configuration fastest.
+def resolve_engine_name(model: ModelConfig) -> str:
+    """``model.engine``, with ``auto`` mapped to the engine that serves it fastest.
 
     ``deepspeed`` (where it is installed) when ranks share the model (tensor_parallel > 1)
     or ``inference_engine_config`` carries options for it; else ``transformers``: at
@@ -106,9 +106,10 @@ def resolve_engine_name(name: str, tensor_parallel: int = 1,
     cache, but importing DeepSpeed costs a replica ~0.3 s on a CPU and seconds on a GPU
     machine (its accelerator and op probes), and it loads the model on the CPU first.
     """
+    name = model.engine
     if name != "auto":
         return name
-    if tensor_parallel > 1 or engine_options:
+    if model.tensor_parallel > 1 or model.inference_engine_config:
         names = {info.name for info in discover("engine") if not info.error}
         if "deepspeed" in names and importlib.util.find_spec("deepspeed") is not None:
             return "deepspeed"

@@ -5,6 +5,7 @@ import pytest
 from conftest import GREEDY, LogWatch, run_mii, serve, wait_until
 
 from mii.errors import PluginError
+from mii_core.config.models import ModelConfig
 from mii_core.plugins.discovery import (
     discover,
     load_driver,
@@ -42,12 +43,15 @@ def test_third_party_drivers_and_hooks_are_discovered():
 
 
 def test_auto_engine_is_deepspeed_where_it_shards_or_is_configured():
-    assert resolve_engine_name("auto", tensor_parallel=2) == "deepspeed"
-    assert resolve_engine_name("auto", engine_options=True) == "deepspeed"
+    def engine(**fields):
+        return resolve_engine_name(ModelConfig(model_name_or_path="m", **fields))
+
+    assert engine(tensor_parallel=2) == "deepspeed"
+    assert engine(inference_engine_config={"a": 1}) == "deepspeed"
     # one rank: AutoTP shards nothing, and the transformers engine skips DeepSpeed's import
-    assert resolve_engine_name("auto") == "transformers"
-    assert resolve_engine_name("transformers", tensor_parallel=2) == "transformers"
-    assert resolve_engine_name("deepspeed") == "deepspeed"
+    assert engine() == "transformers"
+    assert engine(engine="transformers", tensor_parallel=2) == "transformers"
+    assert engine(engine="deepspeed") == "deepspeed"
 
 
 def test_round_robin_is_exact_and_skips_unhealthy():
