@@ -395,8 +395,9 @@ def decode_splits(num_seqs: int, num_kv_heads: int, max_blocks: int, block_size:
     """How many shares of its keys each (seq, kv head) of a decode step is split into.
 
     Enough programs to fill the GPU about twice when S x KVH is small (at most
-    MAX_DECODE_SPLITS), 1 when it is large; never more shares than key tiles in the longest context the table can hold
-    (max_blocks x block_size): a shape-only choice, so one graph serves any lengths.
+    MAX_DECODE_SPLITS), 1 when it is large; never more shares than key tiles in the
+    longest context the table can hold (max_blocks x block_size): a shape-only choice,
+    so one graph serves any lengths.
     """
     programs = max(1, num_seqs * num_kv_heads)
     wanted = -(-2 * multiprocessors // programs)
@@ -503,7 +504,7 @@ def plan_launches(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
                 stride_nh=written.keys.stride(1), stride_nvt=written.values.stride(0),
                 stride_nvh=written.values.stride(1), **inputs, num_heads=num_heads)
     shares = dict(SPLITS=splits, MIN_TILES=max(1, share_keys // tiles.block_n),
-                  BLOCK_N=tiles.block_n, USE_WINDOW=window > 0)
+                  BLOCK_N=tiles.block_n, USE_WINDOW=common["USE_WINDOW"])
     launches = [Launch(_decode_kernel, (max(num_seqs, num_tokens), num_kv_heads, splits), args,
                        dict(common, **shares, GROUP_PAD=max(16, _pow2(group)),
                             WRITE_NEW=new is not None),
