@@ -13,7 +13,9 @@
 # LATENCY=1 (latency_bench.py: TTFT, ITL under a long prompt, prefix cache on / off),
 # SAMPLING_CHECK=1 (sampling_check.py: the sampling kernel checked and timed),
 # VARLEN_TILES=1 (varlen_tiles.py: the prefill attention's tile candidates),
-# IMPORT_TIMES=1 (seconds of torch, CUDA init, transformers, deepspeed; -X importtime).
+# IMPORT_TIMES=1 (seconds of torch, CUDA init, transformers, deepspeed; -X importtime),
+# SPY=1 (py-spy samples the second serve's replica from its start: spy_second.txt, raw
+# stacks with thread names; needs the py-spy wheel carried in .spy/).
 # Results under $OUT: workload.jsonl, latency.jsonl, kernels.jsonl, sampling.jsonl, run.log,
 # logs.tgz (the deployments' logs).
 set -u
@@ -69,6 +71,8 @@ if [ "${VARLEN_TILES:-0}" = 1 ]; then
 fi
 if [ "${IMPORT_TIMES:-0}" = 1 ]; then  # what a replica's start spends before loading
   python3 -c "import time; t = time.time(); import torch; a = time.time(); torch.cuda.set_device(0); b = time.time(); import transformers; from transformers import AutoModelForCausalLM; c = time.time(); import deepspeed; d = time.time(); print('RESULT', {'kind': 'import_times', 'torch_s': round(a - t, 2), 'cuda_init_s': round(b - a, 2), 'transformers_s': round(c - b, 2), 'deepspeed_s': round(d - c, 2)})" 2>&1 | grep RESULT
+  python3 -c "import os, sys, transformers; d = os.path.dirname(transformers.__file__); c = os.path.join(d, '__pycache__'); print('RESULT', {'kind': 'bytecode', 'PYTHONDONTWRITEBYTECODE': os.environ.get('PYTHONDONTWRITEBYTECODE'), 'dont_write': sys.flags.dont_write_bytecode, 'pycache_prefix': sys.pycache_prefix, 'transformers_dir': d, 'pyc_files': len(os.listdir(c)) if os.path.isdir(c) else None, 'writable': os.access(d, os.W_OK)})"
+  for again in 1 2; do python3 -c "import time; t = time.time(); import transformers; from transformers import AutoModelForCausalLM; print('RESULT', {'kind': 'transformers_import_again', 'seconds': round(time.time() - t, 2)})"; done
   python3 -X importtime -c "import torch; from transformers import AutoModelForCausalLM" 2> "$OUT/importtime.log" >/dev/null
   sort -t'|' -k2 -n -r "$OUT/importtime.log" | head -25
 fi
@@ -88,6 +92,14 @@ if [ $rc != 0 ] && [ -n "${RETRY_EXTRA:-}" ]; then  # which part failed: e.g. '{
   stamp "retry done rc=$?"
 fi
 if [ "${SECOND_SERVE:-0}" = 1 ]; then  # the same model again: compile caches under $MII_HOME
+  if [ "${SPY:-0}" = 1 ]; then  # attach to the new replica as soon as it exists
+    python3 -m pip install -q --no-index --no-deps --target /tmp/spy .spy/*.whl
+    ( for _ in $(seq 600); do
+        pid=$(pgrep -n -f replica_main) && break; sleep 0.05
+      done
+      [ -n "${pid:-}" ] && /tmp/spy/bin/py-spy record -r 100 --idle --threads --nonblocking \
+        -f raw -o "$OUT/spy_second.txt" -p "$pid" > "$OUT/spy.log" 2>&1 ) &
+  fi
   LABEL=ours_defaults_second SYSTEM=ours CASES=c128 timeout 300 python3 bench/gpu/workload_bench.py
   stamp "second serve done rc=$?"
 fi

@@ -170,3 +170,29 @@ def test_on_another_host_its_own_name_is_not_the_heads(monkeypatch):
     monkeypatch.setenv(HEAD_HOST_ENV, "head-1")
     assert not is_local("worker-2") and replica_bind_host("worker-2") == "0.0.0.0"
     assert is_local("head-1") and is_local("localhost")
+
+
+def test_children_cache_bytecode_under_mii_home_where_writing_it_is_off(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from mii_core.control.launcher import bytecode_cache_env
+
+    monkeypatch.setenv("MII_HOME", str(tmp_path))
+    prefix = tmp_path / "compile" / "bytecode"
+    env = {"PYTHONDONTWRITEBYTECODE": "1", "PATH": "/bin"}
+    bytecode_cache_env(env)
+    assert env == {"PYTHONPYCACHEPREFIX": str(prefix), "PATH": "/bin"}
+    for kept in ({}, {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": "/mine"},
+                 {"PYTHONDONTWRITEBYTECODE": "1", "MII_BYTECODE_CACHE": "0"}):
+        before = dict(kept)
+        bytecode_cache_env(kept)
+        assert kept == before  # writing on already, the user's prefix, or the opt-out
+    # A child started with that environment writes its bytecode there, not beside the source.
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "cached_module.py").write_text("VALUE = 1\n")
+    child = dict(env, PYTHONPATH=str(source))
+    subprocess.run([sys.executable, "-c", "import cached_module"], env=child, check=True)
+    assert list(prefix.rglob("cached_module*.pyc"))
+    assert not (source / "__pycache__").exists()
