@@ -417,3 +417,30 @@ def test_a_layer_type_the_paged_attention_does_not_know_falls_back(tiny_model, c
     with pytest.raises(ValueError, match="chunked_attention"):
         choose.paged_or_fallback(loaded, config, 1, fallback=True)
     assert "chunked_attention" in caplog.text and "using the dynamic cache" in caplog.text
+
+
+def test_the_compiled_decoder_layer_is_one_graph(tiny_model):
+    """torch_compile on the paged state: dynamo traces each decoder layer as one graph,
+    the attention op inside it. A graph break there (dynamo could not trace the
+    argument checks' math.isfinite on symbolic floats) made ten graphs of every layer:
+    a longer trace at every start and ten guard checks a layer call."""
+    from torch._dynamo.utils import counters
+
+    from mii_engines.runtime.kv.paged import PagedSettings
+
+    loaded = load(tiny_model)
+    settings = PagedSettings(max_seqs=4, max_tokens=40, step_tokens=100, block_size=8,
+                             num_blocks=64, cuda_graphs=False, compile=True)
+    state = PagedState(loaded.model, loaded.device, settings)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        plan, _ = state.profile_plan()
+        with torch.inference_mode():
+            logits = state.apply(plan)
+        assert torch.isfinite(logits).all()
+        assert dict(counters["graph_break"]) == {}
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        state.undo()
+        torch._dynamo.reset()

@@ -115,10 +115,16 @@ def check_arguments(query: Tensor, key_cache: Tensor, value_cache: Tensor,
             fail(name, f"is on {tensor.device}, query on {query.device}")
         if tensor.dim() and tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
             fail(name, f"last dimension must be contiguous, got strides {tensor.stride()}")
-    if not math.isfinite(scale):
-        fail("scale", f"must be finite, got {scale}")
     if window < 0:
         fail("window", f"must be >= 0 (0: no window), got {window}")
+    # Under torch.compile the floats may be symbolic, and dynamo cannot trace
+    # math.isfinite on them: it broke every decoder layer into 10 graphs (a longer
+    # trace at start-up, more guards each call). The eager steps (the probe, the
+    # profiling step) have checked the same values already.
+    if torch.compiler.is_compiling():
+        return
+    if not math.isfinite(scale):
+        fail("scale", f"must be finite, got {scale}")
     if not (softcap >= 0.0 and math.isfinite(softcap)):
         fail("softcap", f"must be finite and >= 0 (0: no softcap), got {softcap}")
 
