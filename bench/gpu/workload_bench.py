@@ -104,6 +104,20 @@ def pct(values: List[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
+def wait_for_deferred_warm_up(client, limit_s: float = 60.0) -> None:
+    """Until no replica has graph captures left for idle time (``kv.deferred_graphs``):
+    a timed run must not share the replica with them."""
+    started = time.time()
+    while time.time() - started < limit_s:
+        left = sum(r.get("stats", {}).get("kv", {}).get("deferred_graphs", 0)
+                   for r in client.info().get("replicas", []))
+        if not left:
+            break
+        time.sleep(0.1)
+    log(event="deferred_warm_up", seconds_after_ready=round(time.time() - started, 2),
+        left=left)
+
+
 def ours() -> None:
     import mii
     from mii_core.deploy.ports import free_port
@@ -125,6 +139,7 @@ def ours() -> None:
             return await asyncio.gather(*(one(t, new, limit, sample) for t in texts))
 
         asyncio.run(run(["w11 w12 w13"] * 4, 4, 64))
+        wait_for_deferred_warm_up(client)
         wait_for_peer()
         for name, (n, pmin, pmax, new) in cases():
             sample = case_prompts(name, n, pmin, pmax)[1]

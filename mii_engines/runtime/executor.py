@@ -88,6 +88,11 @@ class Executor:
         if self.broadcast:
             self.broadcast(StepPlan(shutdown=True))
 
+    def warm_up_step(self) -> bool:
+        """The cache's deferred warm-up, one piece (``KVState.warm_up_step``); the loop
+        calls it only while idle. True while more is left."""
+        return self.state.warm_up_step()
+
     def heartbeat(self) -> None:
         """An empty plan, so that other ranks know rank 0 is alive while idle."""
         if self.broadcast:

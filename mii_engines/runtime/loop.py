@@ -39,6 +39,7 @@ class EngineLoop:
         self.counters: Dict[str, int] = {"steps": 0, "prefills": 0, "prefill_rows": 0}
         self.failed: Optional[BaseException] = None
         self._inflight: Optional[InFlight] = None
+        self._warm_up_left = True  # until the cache says its deferred warm-up is done
 
     # -- transport threads (GenerationService) -------------------------------------------
     def submit(self, prompts: List[str], params: GenerateParamsConfig,
@@ -53,6 +54,7 @@ class EngineLoop:
         running = len(self.scheduler.running)
         kv, state = self.scheduler.space.stats(), self.executor.state.stats()
         kv.bytes_total, kv.padded_rows = state.bytes_total, state.padded_rows
+        kv.deferred_graphs = state.deferred_graphs
         kv.preemptions = self.scheduler.preemptions
         return ReplicaStats(
             replica=self.inbox.intake.replica, requests=self.inbox.accepted,
@@ -87,7 +89,13 @@ class EngineLoop:
                 self.executor.shutdown()
 
     def _take_arrivals(self) -> bool:
-        arrivals = self.inbox.take(self.scheduler.has_work(), self.executor.heartbeat)
+        # Idle (nothing scheduled, in flight or submitted): the cache's deferred warm-up
+        # runs one piece at a time, so that a request arriving waits for one piece at most.
+        if (self._warm_up_left and self._inflight is None and not self.scheduler.has_work()
+                and not self.inbox.pending_prompts()):
+            self._warm_up_left = self.executor.warm_up_step()
+        busy = self.scheduler.has_work() or self._warm_up_left
+        arrivals = self.inbox.take(busy, self.executor.heartbeat)
         for request in arrivals.requests:
             self.scheduler.add(request.sequences)
         if arrivals.cancelled:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import pytest
 import torch
@@ -444,3 +445,47 @@ def test_the_compiled_decoder_layer_is_one_graph(tiny_model):
     finally:
         state.undo()
         torch._dynamo.reset()
+
+
+def test_warm_up_compiles_first_and_leaves_the_other_graphs_for_later():
+    from mii_engines.runtime.kv.paged import warm_up_order
+    from mii_engines.runtime.runner.graphs import row_buckets, token_buckets
+
+    decode, mixed = row_buckets(256), token_buckets(8192)
+    now, later = warm_up_order(decode, mixed)
+    # the compiling captures: the dynamic-shape one, the size-1 one, the other attention kind
+    assert now == [(True, 256), (True, 1), (False, 8192)]
+    assert sorted(now + later) == sorted([(True, r) for r in decode] + [(False, t) for t in mixed])
+    assert later[:3] == [(True, 2), (True, 4), (True, 8)]  # the common batches first
+    assert [key for key in later if not key[0]] == [(False, t) for t in sorted(mixed)[:-1]]
+    assert warm_up_order([1], [16]) == ([(True, 1), (False, 16)], [])
+
+
+def test_deferred_warm_up_runs_only_while_idle_and_delays_no_request(tiny_model):
+    """The loop gives the cache's deferred warm-up (graph captures, on a GPU) one piece at a
+    time while nothing is scheduled, in flight or submitted, until it says it is done;
+    requests that come meanwhile are served whole."""
+    loaded = load(tiny_model)
+    loop = loop_for(loaded, "paged", max_batch_size=2)
+    calls, busy_at_call = [], []
+
+    def piece():
+        busy_at_call.append(loop.scheduler.has_work() or loop.inbox.pending_prompts() > 0)
+        calls.append(time.monotonic())
+        time.sleep(0.02)
+        return len(calls) < 40
+
+    loop.executor.state.warm_up_step = piece
+    sinks = [Collector(1) for _ in range(6)]
+    with running(loop):
+        for sink, prompt in zip(sinks, PROMPTS * 2):
+            loop.submit([prompt], GenerateParamsConfig(**GREEDY), sink)
+            time.sleep(0.01)
+        assert all(sink.done.wait(30) for sink in sinks)
+        deadline = time.monotonic() + 10
+        while len(calls) < 40 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)
+    assert len(calls) == 40  # until it said it was done, and never after
+    assert not any(busy_at_call)
+    assert all(sink.final(0).finish_reason == "length" for sink in sinks)

@@ -40,6 +40,10 @@ class DynamicState(RowState):
         """Nothing to prepare: the cache grows as rows come."""
         return 0.0
 
+    def warm_up_step(self) -> bool:
+        """Nothing is left for later."""
+        return False
+
     def stats(self) -> KVStats:
         """Only the kind: the cache has no fixed size."""
         return KVStats(kind="dynamic")

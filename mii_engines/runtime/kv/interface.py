@@ -34,6 +34,7 @@ class KVStats:
     prefix_query_tokens: int = 0
     preemptions: int = 0
     padded_rows: int = 0  # prefill rows computed only to fill a graph bucket (slots)
+    deferred_graphs: int = 0  # graph captures the warm-up left for idle time (paged)
 
 
 class KVState(Protocol):
@@ -48,6 +49,10 @@ class KVState(Protocol):
 
     def warm_up(self) -> float:
         """Claim memory, capture graphs and compile before the replica serves; seconds."""
+
+    def warm_up_step(self) -> bool:
+        """One piece of the warm-up ``warm_up`` left for later (a graph capture), run
+        while no step is in flight and nothing waits; True while more is left."""
 
     def stats(self) -> KVStats:
         """Sizes and use of the cache."""

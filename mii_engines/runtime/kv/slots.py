@@ -328,6 +328,10 @@ class SlotState(RowState):
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - started
 
+    def warm_up_step(self) -> bool:
+        """Nothing is left for later: ``warm_up`` captures every graph."""
+        return False
+
     # -- prefill and leaving rows -----------------------------------------------------------
     def prefill(self, prompts: List[List[int]]) -> torch.Tensor:
         """Prefill ``prompts`` into free slots after the running rows."""
