@@ -31,7 +31,8 @@ import time
 import traceback
 from typing import List
 
-from workload_bench import append_result, pct  # this folder: run as a script
+# this folder: run as a script
+from workload_bench import append_result, pct, wait_for_deferred_warm_up
 
 MODEL = os.environ.get("MODEL_DIR", "/tmp/llama1b")
 VOCAB = int(os.environ.get("VOCAB", 128000))
@@ -149,6 +150,7 @@ def main() -> None:
                        startup_timeout=600.0, **extra)
     log(event="ready", ready_s=round(time.time() - started, 1), serve_kwargs=extra)
     try:
+        log(event="deferred_warm_up", **wait_for_deferred_warm_up(client))
         for name in os.environ.get("CASES", "ttft4k itl_long prefix").split():
             asyncio.run(CASES[name](client))
         info = client.info()

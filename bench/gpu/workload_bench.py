@@ -104,9 +104,9 @@ def pct(values: List[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def wait_for_deferred_warm_up(client, limit_s: float = 60.0) -> None:
+def wait_for_deferred_warm_up(client, limit_s: float = 60.0) -> Dict[str, float]:
     """Until no replica has graph captures left for idle time (``kv.deferred_graphs``):
-    a timed run must not share the replica with them."""
+    a timed run must not share the replica with them. Returns the wait and what is left."""
     started = time.time()
     while time.time() - started < limit_s:
         left = sum(r.get("stats", {}).get("kv", {}).get("deferred_graphs", 0)
@@ -114,8 +114,7 @@ def wait_for_deferred_warm_up(client, limit_s: float = 60.0) -> None:
         if not left:
             break
         time.sleep(0.1)
-    log(event="deferred_warm_up", seconds_after_ready=round(time.time() - started, 2),
-        left=left)
+    return dict(seconds_after_ready=round(time.time() - started, 2), left=left)
 
 
 def ours() -> None:
@@ -139,7 +138,7 @@ def ours() -> None:
             return await asyncio.gather(*(one(t, new, limit, sample) for t in texts))
 
         asyncio.run(run(["w11 w12 w13"] * 4, 4, 64))
-        wait_for_deferred_warm_up(client)
+        log(event="deferred_warm_up", **wait_for_deferred_warm_up(client))
         wait_for_peer()
         for name, (n, pmin, pmax, new) in cases():
             sample = case_prompts(name, n, pmin, pmax)[1]
