@@ -37,8 +37,9 @@ def row_buckets(max_rows: int) -> List[int]:
     multiple of 32. Requests that arrive over a few steps join in uneven groups (say
     20): padding 20 rows to 32 costs more than to 24 where a step is small. Above 64 rows
     a step's GEMMs still read every weight once, so a few padded rows cost little, while
-    each graph costs ~0.4 s of warm-up (an H200, 2026-12-02: 34 decode graphs took 13.6
-    s of the 1.5B's and 14.9 s of the 7.2B's); 256 rows need 17 graphs, not 35."""
+    each graph costs a capture (0.4 s each when 34 decode graphs took 13.6 s of the
+    1.5B's warm-up; ~0.1 s once one compile serves them, H200, 2026-12-02); 256 rows
+    need 17 graphs, not 35."""
     sizes = [r for r in (1, 2, 4) if r < max_rows] + list(range(8, min(max_rows, 65), 8))
     sizes += list(range(96, max_rows, 32))
     return [r for r in sizes if r < max_rows] + [max_rows]
