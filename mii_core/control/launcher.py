@@ -9,13 +9,14 @@ run ``remote_main`` there; docs/multi-host.md says what the hosts need.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence, Tuple
 
 from mii_core.control.lifecycle import RECORD_ENV, SUPERVISOR_PID_ENV
 from mii_core.deploy.addresses import dial_host, is_local
@@ -72,17 +73,44 @@ def compile_cache_env(env: Dict[str, str]) -> None:
     env.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
 
 
-def bytecode_cache_env(env: Dict[str, str]) -> None:
+# Folders of modules every replica imports, whose compiling cost most of a start where
+# no bytecode sat beside them (the H200 image, 2026-12-02: sympy's core, torch's dynamo,
+# transformers' generation and auto classes): (package, folder inside it).
+HEAVY_FOLDERS = (("sympy", "core"), ("torch", "_dynamo"), ("transformers", "generation"),
+                 ("transformers", "models/auto"))
+
+
+def bytecode_missing(folders: Sequence[Tuple[str, str]] = HEAVY_FOLDERS) -> bool:
+    """Whether a module in ``folders`` has no bytecode beside it (found without importing
+    anything: only the top-level packages are looked up on the path)."""
+    for package, relative in folders:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        folder = os.path.join(list(spec.submodule_search_locations)[0], relative)
+        sources = os.listdir(folder) if os.path.isdir(folder) else []
+        if any(name.endswith(".py") and not os.path.exists(
+                importlib.util.cache_from_source(os.path.join(folder, name)))
+               for name in sources):
+            return True
+    return False
+
+
+def bytecode_cache_env(env: Dict[str, str],
+                       folders: Sequence[Tuple[str, str]] = HEAVY_FOLDERS) -> None:
     """Where bytecode writing is off (``PYTHONDONTWRITEBYTECODE``, as container images
-    often set), let the children cache it under ``$MII_HOME/compile/bytecode`` instead.
+    often set) and the heavy modules have no bytecode beside them, let the children
+    cache it under ``$MII_HOME/compile/bytecode`` instead.
 
     Otherwise every start compiles the source of each module it imports again: on the
     H200 image (2026-12-02) that was 10.8 s of a replica's 28 s to ready, transformers
     and torch's sympy and dynamo mostly, on every ``serve()``. The packages' own
-    folders stay untouched, which is what the setting is for. A prefix of the user's
-    own wins; ``MII_BYTECODE_CACHE=0`` keeps bytecode writing off."""
+    folders stay untouched, which is what the setting is for. Where the bytecode is
+    there (pip writes it at install), nothing changes: with a prefix Python would read
+    only the prefix's copies and compile every module once more. A prefix of the
+    user's own wins; ``MII_BYTECODE_CACHE=0`` keeps bytecode writing off."""
     if (not env.get("PYTHONDONTWRITEBYTECODE") or env.get("PYTHONPYCACHEPREFIX")
-            or env.get("MII_BYTECODE_CACHE") == "0"):
+            or env.get("MII_BYTECODE_CACHE") == "0" or not bytecode_missing(folders)):
         return
     env.pop("PYTHONDONTWRITEBYTECODE")
     env["PYTHONPYCACHEPREFIX"] = str(mii_home() / "compile" / "bytecode")

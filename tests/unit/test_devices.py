@@ -173,6 +173,7 @@ def test_on_another_host_its_own_name_is_not_the_heads(monkeypatch):
 
 
 def test_children_cache_bytecode_under_mii_home_where_writing_it_is_off(tmp_path, monkeypatch):
+    import py_compile
     import subprocess
     import sys
 
@@ -180,19 +181,29 @@ def test_children_cache_bytecode_under_mii_home_where_writing_it_is_off(tmp_path
 
     monkeypatch.setenv("MII_HOME", str(tmp_path))
     prefix = tmp_path / "compile" / "bytecode"
+    package = tmp_path / "src" / "mii_heavy_probe"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "layers.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    folders = [("mii_heavy_probe", ""), ("not_installed_anywhere", "core")]
     env = {"PYTHONDONTWRITEBYTECODE": "1", "PATH": "/bin"}
-    bytecode_cache_env(env)
+    bytecode_cache_env(env, folders)
     assert env == {"PYTHONPYCACHEPREFIX": str(prefix), "PATH": "/bin"}
     for kept in ({}, {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": "/mine"},
                  {"PYTHONDONTWRITEBYTECODE": "1", "MII_BYTECODE_CACHE": "0"}):
         before = dict(kept)
-        bytecode_cache_env(kept)
+        bytecode_cache_env(kept, folders)
         assert kept == before  # writing on already, the user's prefix, or the opt-out
     # A child started with that environment writes its bytecode there, not beside the source.
-    source = tmp_path / "src"
-    source.mkdir()
-    (source / "cached_module.py").write_text("VALUE = 1\n")
-    child = dict(env, PYTHONPATH=str(source))
-    subprocess.run([sys.executable, "-c", "import cached_module"], env=child, check=True)
-    assert list(prefix.rglob("cached_module*.pyc"))
-    assert not (source / "__pycache__").exists()
+    child = dict(env, PYTHONPATH=str(tmp_path / "src"))
+    subprocess.run([sys.executable, "-c", "import mii_heavy_probe.layers"], env=child, check=True)
+    assert list(prefix.rglob("layers*.pyc"))
+    assert not (package / "__pycache__").exists()
+    # Bytecode beside the sources (pip writes it at install): nothing changes, since with
+    # a prefix every module would be compiled once more.
+    for name in ("__init__.py", "layers.py"):
+        py_compile.compile(str(package / name), doraise=True)
+    unchanged = {"PYTHONDONTWRITEBYTECODE": "1"}
+    bytecode_cache_env(unchanged, folders)
+    assert unchanged == {"PYTHONDONTWRITEBYTECODE": "1"}
