@@ -74,10 +74,12 @@ def compile_cache_env(env: Dict[str, str]) -> None:
 
 
 # Folders of modules every replica imports, whose compiling cost most of a start where
-# no bytecode sat beside them (the H200 image, 2026-12-02: sympy's core, torch's dynamo,
-# transformers' generation and auto classes): (package, folder inside it).
-HEAVY_FOLDERS = (("sympy", "core"), ("torch", "_dynamo"), ("transformers", "generation"),
-                 ("transformers", "models/auto"))
+# no bytecode sat beside them (the H200 image, 2026-12-02: torch and its sympy, dynamo
+# and distributed tensors, transformers' generation, auto classes and integrations):
+# (package, folder inside it). Any module there without bytecode turns the cache on.
+HEAVY_FOLDERS = (("torch", ""), ("torch", "_dynamo"), ("torch", "distributed/tensor"),
+                 ("sympy", ""), ("sympy", "core"), ("transformers", "generation"),
+                 ("transformers", "models/auto"), ("transformers", "integrations"))
 
 
 def bytecode_missing(folders: Sequence[Tuple[str, str]] = HEAVY_FOLDERS) -> bool:
