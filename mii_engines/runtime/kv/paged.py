@@ -68,7 +68,7 @@ def warm_up_order(decode_buckets: List[int], mixed_buckets: List[int]
     largest decode bucket (the dynamic-shape compile; largest first, so that smaller
     graphs reuse its pool memory), a one-row step (torch specializes a size of 1) and the
     largest mixed step (attention of another kind: a recompile). The other captures
-    take ~0.1 s each and compile nothing: 27 of them were 2.7 s of a 7.2B's 18 s second
+    take ~0.1 s each and compile nothing: 28 of them were 2.7 s of a 7.2B's 18 s second
     start on an H200 (2026-12-02). Later: the decode buckets from small to large (the common
     batches first), then the mixed steps likewise.
     """
@@ -429,9 +429,8 @@ class PagedState:
         return self.graphs[key]
 
     def _capture(self, key: Tuple[bool, int]) -> None:
-        decode_only, tokens = key
-        seqs = tokens if decode_only else self.settings.max_seqs
-        self._graph(decode_only, tokens, seqs, seqs)
+        decode_only, tokens = key  # a bucket's size: _bucket gives its shape back
+        self._graph(decode_only, *self._bucket(decode_only, tokens, tokens))
 
     def warm_up(self) -> float:
         """Compile now, and capture the graphs whose first run compiles (``warm_up_order``);
@@ -454,7 +453,6 @@ class PagedState:
                  "%(compiled_graphs_s).1fs (the first, with the compilation, "
                  "%(first_decode_graph_s).1fs); %(graphs_deferred)d more are captured while "
                  "the replica is idle", self.warm_up_times)
-        self._deferred_started = None
         return time.perf_counter() - started
 
     def warm_up_step(self) -> bool:
