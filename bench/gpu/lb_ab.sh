@@ -18,4 +18,3 @@ for label in new old new2 old2; do
   case $label in old*) PP=$REPO/ab_old:/tmp/site ;; *) PP=/tmp/site:$REPO ;; esac
   LABEL=$label CASES="itl_long" PYTHONPATH=$PP timeout 200 python3 bench/gpu/latency_bench.py 2>&1 | grep RESULT | grep -v '"info"' | cut -c1-400
 done
-grep -l "forwarding" $MII_HOME/logs/*.log 2>/dev/null | head -2
