@@ -6,10 +6,12 @@ Each variant loads the model (transformers engine, bf16), builds rank 0's loop e
 as a replica does (``runtime.service.build_service``) with its settings, and runs
 prompts of 128 tokens + 64 new (greedy, ignore_eos) at 1 and 16 rows: in-process tok/s
 (no gRPC), then a torch.profiler table of the GPU kernels over one 16-row run
-(``$OUT/profile_<variant>.txt``; ``PROFILE_ROWS`` rows instead of 16). Variants: compiled (the defaults), eager (no
-torch.compile), nographs (no CUDA graphs, no compile). With ``LONG=1`` the timed and
-profiled run is instead 32 distinct prompts of 3,850 tokens + 128 new (16 new in the
-profile): issue 17's long-prompt case, where prefill dominates.
+(``$OUT/profile_<variant>.txt``; ``PROFILE_ROWS`` rows instead of 16) and the kernel
+time by kind with the GPU's busy share of the run (``kernel_summary``). Variants:
+compiled (the defaults), eager (no torch.compile), nographs (no CUDA graphs, no
+compile). With ``LONG=1`` the timed and profiled runs are instead 32 distinct prompts of
+3,850 tokens + 128 new: issue 17's long-prompt case, where prefill dominates.
+``DECODING_BUDGET``: the scheduler's prompt tokens per step while rows decode (2,048).
 """
 from __future__ import annotations
 
@@ -44,6 +46,14 @@ def log(**fields):
 
 
 LONG = os.environ.get("LONG") == "1"
+if os.environ.get("DECODING_BUDGET"):  # the scheduler's prompt tokens per step while rows decode
+    import dataclasses
+
+    from mii_engines.runtime.kv import choose
+    from mii_engines.runtime.scheduler import Budgets
+
+    choose.Budgets = lambda: dataclasses.replace(
+        Budgets(), decoding=int(os.environ["DECODING_BUDGET"]))
 PROFILE_ROWS = int(os.environ.get("PROFILE_ROWS", "16"))
 
 
@@ -72,6 +82,40 @@ def generate(loop, count: int, new: int, length: int = 0, salt: int = 0) -> floa
     if not done.wait(300):
         raise RuntimeError("generation did not finish")
     return time.perf_counter() - started
+
+
+CATEGORIES = (("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
+              ("prefill_attention", ("_varlen_kernel",)),
+              ("decode_attention", ("_decode_kernel", "_combine_kernel")),
+              ("sampling", ("argmax", "sampl")))
+
+
+def kernel_summary(prof) -> dict:
+    """GPU kernel time by kind (ms) over a profiled run, and how much of the run's span
+    the GPU was busy (the union of kernel intervals): what is left for the host."""
+    kernels = [e for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > 0]
+    if not kernels:
+        return {}
+    ms = {name: 0.0 for name, _ in CATEGORIES}
+    ms["other"] = 0.0
+    intervals = []
+    for event in kernels:
+        lower = event.name.lower()
+        kind = next((name for name, keys in CATEGORIES if any(k in lower for k in keys)),
+                    "other")
+        ms[kind] += (event.time_range.end - event.time_range.start) / 1e3
+        intervals.append((event.time_range.start, event.time_range.end))
+    intervals.sort()
+    busy, end = 0.0, intervals[0][0]
+    for start, stop in intervals:
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    span = intervals[-1][1] - intervals[0][0]
+    return dict(kernel_ms={k: round(v, 1) for k, v in ms.items()},
+                gpu_busy_ms=round(busy / 1e3, 1), span_ms=round(span / 1e3, 1),
+                kernels=len(kernels))
 
 
 def probe(name: str, settings: dict) -> None:
@@ -103,7 +147,9 @@ def probe(name: str, settings: dict) -> None:
                     ms_per_step=round(seconds / 64 * 1e3, 2), build_s=round(built, 1))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                                 torch.profiler.ProfilerActivity.CPU]) as prof:
-            generate(loop, 32, 16, length, salt=3) if LONG else generate(loop, PROFILE_ROWS, 16)
+            generate(loop, 32, 128, length, salt=3) if LONG else generate(loop, PROFILE_ROWS, 16)
+        log(variant=name, case="profile_long" if LONG else f"profile_{PROFILE_ROWS}",
+            **kernel_summary(prof))
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
         with open(os.path.join(OUT, f"profile_{name}.txt"), "w") as out:
             out.write(table)

@@ -187,6 +187,28 @@ def test_chunked_prefill_gives_one_shot_tokens_while_rows_keep_decoding(tiny_mod
     assert all(plan.decode_slots for plan in chunked), "decoding went on while it was fed"
 
 
+def test_a_step_with_decode_rows_stays_within_the_budget_they_count_in(tiny_model,
+                                                                        reference_texts):
+    """While rows decode, their tokens count against the step's budget (one packed
+    forward: 16 prompt tokens beside 3 rows would pad to the next graph bucket), and at
+    least half of it still goes to the prompt."""
+    loop = paged_loop(tiny_model, budgets=Budgets(idle=64, decoding=16), prefix_caching=False)
+    steps = []
+    original = loop.executor.state.apply
+    loop.executor.state.apply = lambda plan: steps.append(plan) or original(plan)
+    with running(loop):
+        decoding = Collector(3)
+        loop.submit(PROMPTS[:3], GenerateParamsConfig(**dict(GREEDY, stream=True)), decoding)
+        assert decoding.first.wait(30)
+        long = run(loop, [LONG], **GREEDY)
+        assert decoding.done.wait(60)
+    assert long.texts()[0] == reference_texts[LONG]
+    mixed = [(len(plan.decode_slots), sum(len(c.tokens) for c in plan.chunks))
+             for plan in steps if plan.chunks and plan.decode_slots]
+    assert mixed and all(rows + tokens <= 16 and tokens >= 1 for rows, tokens in mixed)
+    assert (3, 13) in mixed, mixed  # the long prompt's chunks beside the three rows
+
+
 def test_preemption_recomputes_and_loses_nothing(tiny_model, reference_texts):
     """A pool far too small for the batch: sequences are preempted and recomputed, and
     every one still gets the tokens it gets alone."""
