@@ -7,6 +7,10 @@ deployment log's timestamps (every process writes to it, to the millisecond) for
 phases between: the supervisor starting the replica, the replica's imports (until it
 names its engine), loading (until ready), the runtime and transport (until serving),
 and readiness reaching ``serve()``. Prints one JSON line per run and the medians.
+Each run also times the floor in a fresh process: what any replica must do before it
+can answer, with nothing of ours (``import torch``, transformers' auto classes, the tiny
+model's ``from_pretrained`` and tokenizer, one forward); ``serve()`` less the floor is
+what our processes and their hand-offs cost.
 ``-X importtime`` of a replica's imports: ``python -X importtime -m
 mii_core.control.replica_main`` shows them (it exits at once for want of arguments).
 """
@@ -16,6 +20,7 @@ import argparse
 import json
 import re
 import statistics
+import subprocess
 import sys
 import time
 from datetime import datetime
@@ -62,6 +67,34 @@ def phases(log: str, started: float) -> Dict[str, float]:
     return result
 
 
+FLOOR = """
+import sys, time
+started = time.time()
+import torch
+imported_torch = time.time()
+from transformers import AutoModelForCausalLM, AutoTokenizer
+imported = time.time()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+loaded = time.time()
+with torch.no_grad():
+    model(**tokenizer("DeepSpeed is", return_tensors="pt"))
+print(imported_torch - started, imported - imported_torch, loaded - imported, time.time() - loaded,
+      time.time())
+"""
+
+
+def floor_once(model: str) -> Dict:
+    """The floor: a fresh interpreter that imports, loads and runs the model (no mii),
+    from its start to the forward's end (its exit not counted)."""
+    started = time.time()
+    out = subprocess.run([sys.executable, "-c", FLOOR, model], check=True, capture_output=True,
+                         text=True).stdout.split()
+    torch_s, transformers_s, load_s, forward_s = (round(float(v), 3) for v in out[-5:-1])
+    return dict(floor_s=round(float(out[-1]) - started, 3), torch_s=torch_s,
+                transformers_s=transformers_s, load_s=load_s, forward_s=forward_s)
+
+
 def run_once(model: str, kwargs: Dict) -> Dict:
     name = f"start-time-{free_port()}"
     started = time.time()
@@ -74,7 +107,7 @@ def run_once(model: str, kwargs: Dict) -> Dict:
     finally:
         client.terminate_server()
     return dict(serve_s=round(served - started, 3), first_reply_s=round(replied - started, 3),
-                phases=phases(log, started))
+                phases=phases(log, started), floor=floor_once(model))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -93,6 +126,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     summary = dict(runs=len(runs), serve_kwargs=kwargs,
                    median_first_reply_s=statistics.median(r["first_reply_s"] for r in runs),
                    median_serve_s=statistics.median(r["serve_s"] for r in runs),
+                   median_floor_s=statistics.median(r["floor"]["floor_s"] for r in runs),
+                   median_over_floor_s=round(statistics.median(
+                       r["first_reply_s"] - r["floor"]["floor_s"] for r in runs), 3),
+                   median_floor={key: statistics.median(r["floor"][key] for r in runs)
+                                 for key in runs[0]["floor"]},
                    median_phases={name: statistics.median(r["phases"].get(name, 0.0)
                                                           for r in runs)
                                   for name, _ in MARKS})

@@ -23,7 +23,7 @@ REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO" || exit 1
 WHICH=${1:-llama1b}
 export OUT=${OUT:-/tmp/defaults_out} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export TOKENIZERS_PARALLELISM=false TORCH_CUDA_ARCH_LIST=9.0 DS_BUILD_OPS=0
+export TORCH_CUDA_ARCH_LIST=9.0 DS_BUILD_OPS=0  # TOKENIZERS_PARALLELISM left unset, as a user leaves it
 export MII_HOME=${MII_HOME:-/tmp/mii_home} NCCL_NVLS_ENABLE=0
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 mkdir -p "$OUT"

@@ -10,7 +10,7 @@ set -u
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$REPO" || exit 1
 export OUT=${OUT:-/tmp/long_ab} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export TOKENIZERS_PARALLELISM=false DS_BUILD_OPS=0 NCCL_NVLS_ENABLE=0
+export DS_BUILD_OPS=0 NCCL_NVLS_ENABLE=0
 export MODEL_DIR=/tmp/llama1b CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 OLD=${AB_OLD:-$REPO/.ab/old}
 mkdir -p "$OUT"
