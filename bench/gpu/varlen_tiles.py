@@ -6,9 +6,10 @@ against the torch reference, then timed on the prefill shapes of issue 17's long
 The 1.5B Llama's heads (32 query, 8 kv, head_dim 64), bf16, 16-token blocks. Shapes: a
 2,048-token chunk at context 0 and at context 1,802 (the second chunk of a 3,850-token
 prompt, as the scheduler feeds it while others decode), and two whole 3,850-token
-prompts in one step (the idle budget). Time: a CUDA graph of 20 launches, median of 5;
-TFLOP/s counts the causal attention's 4 * head_dim * heads multiply-adds per visible
-(query, key) pair.
+prompts in one step (the idle budget); two mixed steps, a chunk after 16 or 32 decode
+rows at 3,900 keys (the long case once prompts have joined), and those rows alone.
+Time: a CUDA graph of 20 launches, median of 5; TFLOP/s counts the causal attention's
+4 * head_dim * heads multiply-adds per visible (query, key) pair.
 """
 from __future__ import annotations
 
@@ -25,13 +26,19 @@ from kernel_check import replay_seconds  # this folder: run as a script
 
 OUT = os.environ.get("OUT", "/tmp")
 HEADS, KV_HEADS, DIM, BLOCK = 32, 8, 64, 16
-# (block_m, block_n, warps, stages, mask every tile); the first is the kernel before
-# 2026-12-02, the second today's default
-CANDIDATES = [(128, 64, 8, 2, True), (128, 64, 8, 2, False), (128, 64, 8, 3, False),
-              (128, 128, 8, 2, False), (128, 128, 8, 3, False), (128, 32, 4, 3, False),
-              (64, 64, 4, 2, False), (256, 64, 8, 2, False)]
+# (block_m, block_n, warps, stages, mask every tile, small rows, heavy first): today's
+# default tiles with and without the two 2026-12-03 changes (the small tile for a seq of
+# a few queries; a seq's last query tile first), and 2026-12-02's runners-up
+CANDIDATES = [(128, 64, 8, 3, False, True, True), (128, 64, 8, 3, False, False, False),
+              (128, 64, 8, 3, False, True, False), (128, 64, 8, 3, False, False, True),
+              (64, 64, 4, 2, False, True, True), (128, 64, 8, 2, False, True, True)]
+DECODE_ROWS = [(1, 3900)] * 32  # the decode rows beside a chunk, at the long case's context
 SHAPES = {"chunk2048_ctx0": [(2048, 0)], "chunk2048_ctx1802": [(2048, 1802)],
-          "two_prompts_3850": [(3850, 0), (3850, 0)]}
+          "two_prompts_3850": [(3850, 0), (3850, 0)],
+          # decode rows first, as a mixed step packs them (kv/paged.py)
+          "mixed_ctx0_16rows": DECODE_ROWS[:16] + [(2032, 0)],
+          "mixed_ctx1802_32rows": DECODE_ROWS + [(2016, 1802)],
+          "decode_rows_32": DECODE_ROWS}
 
 
 def log(**fields):
@@ -73,12 +80,13 @@ def pairs(seqs):
 
 def main():
     for candidate in CANDIDATES:
-        block_m, block_n, warps, stages, mask_all = candidate
-        tiles = Tiles(block_m, block_n, warps, stages, mask_all)
+        block_m, block_n, warps, stages, mask_all, small, heavy = candidate
+        tiles = Tiles(block_m, block_n, warps, stages, mask_all, small, heavy)
         triton_paged.varlen_tiles = lambda *_a, _t=tiles: _t
-        name = f"m{block_m}_n{block_n}_w{warps}_s{stages}" + ("_maskall" if mask_all else "")
+        name = (f"m{block_m}_n{block_n}_w{warps}_s{stages}" + ("_maskall" if mask_all else "")
+                + ("_small" if small else "") + ("_heavyfirst" if heavy else ""))
         try:
-            args = inputs([(300, 0), (65, 2049), (1, 900), (130, 37)], seed=1)
+            args = inputs([(300, 0), (65, 2049), (1, 900), (130, 37), (3, 40), (5, 7)], seed=1)
             out = torch.full_like(args[0], float("nan"))
             attend(args, out)
             ref = torch.empty(args[0].shape, dtype=torch.float32, device="cuda")

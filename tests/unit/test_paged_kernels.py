@@ -60,6 +60,50 @@ def test_kernels_match_the_reference(decode_only, splits, window, softcap, heads
         assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("small_rows,heavy_first", [(True, True), (False, True),
+                                                    (True, False), (False, False)])
+@pytest.mark.parametrize("heads,kv_heads,window", [(4, 1, 0), (4, 2, 0), (6, 6, 0),
+                                                   (4, 2, 9)])
+def test_varlen_short_runs_on_the_small_tile_and_long_ones_on_the_wide(
+        monkeypatch, small_rows, heavy_first, heads, kv_heads, window):
+    """A mixed step whose seqs have 1, SMALL_Q, SMALL_Q + 1 and several tiles' worth of
+    queries (fp32 tiles: 64 rows; the small tile 16): the ones up to SMALL_Q take the
+    16-row tile, the others the wide one, in either program order; every output matches
+    the reference, padding tokens included."""
+    paged = importlib.import_module("mii_engines.runtime.kernels.triton_paged")
+    chosen = paged.varlen_tiles(16, heads // kv_heads, 4)
+    monkeypatch.setattr(paged, "varlen_tiles", lambda *_: paged.Tiles(
+        chosen.block_m, chosen.block_n, chosen.num_warps, chosen.num_stages,
+        small_rows=small_rows, heavy_first=heavy_first))
+    group_p2 = triton.next_power_of_2(heads // kv_heads)
+    small_q, block_q = max(1, 16 // group_p2), chosen.block_m // group_p2
+    assert small_q < block_q  # both tiles are used
+    dim, block = 16, 4
+    gen = torch.Generator().manual_seed(heads + kv_heads + window)
+    q_lens = [1, small_q, small_q + 1, 2 * block_q + 3, 1]
+    contexts = [70, 5, 0, 17, 0]
+    blocks = [-(-(q + c) // block) for q, c in zip(q_lens, contexts)]
+    pool = sum(blocks) + 1
+    keys = torch.randn(pool, block, kv_heads, dim, generator=gen)
+    values = torch.randn(pool, block, kv_heads, dim, generator=gen)
+    order = (torch.randperm(pool - 1, generator=gen) + 1).to(torch.int32)
+    tables = torch.zeros(len(q_lens), max(blocks), dtype=torch.int32)
+    taken = 0
+    for seq, count in enumerate(blocks):
+        tables[seq, :count] = order[taken:taken + count]
+        taken += count
+    starts = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
+    query = torch.randn(int(starts[-1]) + 5, heads, dim, generator=gen)  # 5 padding tokens
+    lens = torch.tensor([q + c for q, c in zip(q_lens, contexts)], dtype=torch.int32)
+    args = (query, keys, values, tables, lens, starts)
+    expected = torch.full_like(query, float("nan"))
+    got = torch.full_like(query, float("nan"))
+    reference_paged_attention(*args, expected, dim ** -0.5, window, 0.0)
+    run_paged_attention(*args, got, dim ** -0.5, window, 0.0, False)
+    assert not torch.isnan(got).any()
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("splits,share_keys", [(2, 1), (3, 1), (5, 64), (4, 10_000)])
 @pytest.mark.parametrize("window", [0, 37])
 def test_decode_shares_split_long_contexts_and_merge(splits, share_keys, window):

@@ -14,9 +14,11 @@ the block table, online softmax in fp32, base-2 exponentials):
   launches per layer fewer (the K and V writes). Merging in the decode kernel instead
   (the last share, found by an atomic count) measured slower at one stream (1.48 against
   1.40 ms a step on an H200) though faster at 16 and 64: not kept.
-- ``_varlen_kernel`` (prefill chunks, mixed steps): grid (cdiv(T, BLOCK_Q) + S, KVH); a
+- ``_varlen_kernel`` (prefill chunks, mixed steps): grid (KVH, cdiv(T, BLOCK_Q) + S); a
   program finds its (seq, query tile) by binary search over ``query_start`` and takes
-  BLOCK_Q queries x the group's heads as its M rows.
+  BLOCK_Q queries x the group's heads as its M rows; a seq of a few queries (a decode row
+  beside a prefill chunk) takes a 16-row tile instead. A seq's tiles run from its last
+  (the most keys) to its first.
 
 Every grid depends on shapes only and nothing here reads a tensor on the host, so a call
 can be captured in a CUDA graph. Importing this module needs triton, not a GPU: the tests
@@ -258,6 +260,59 @@ def _combine_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, query_start_p
                       stride_ot, stride_oh, HEAD_DIM)
 
 
+@triton.jit
+def _attend_query_tile(out_ptr, q_ptr, k_ptr, v_ptr, table_row, seq_len, token_start, q_len,
+                       local, kv_head, window, qk_scale, softcap,
+                       stride_qt, stride_qh, stride_ot, stride_oh,
+                       stride_block, stride_slot, stride_head,
+                       GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       D_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
+                       BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr,
+                       USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       MASK_ALL_TILES: tl.constexpr):
+    """Queries [local * BLOCK_Q, (local + 1) * BLOCK_Q) of one seq x kv head ``kv_head``'s
+    query heads (BLOCK_Q * GROUP_P2 rows), attended over the seq's keys and stored."""
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P2
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_P2)
+    q_idx = local * BLOCK_Q + offs_m // GROUP_P2
+    in_group = offs_m % GROUP_P2
+    row_ok = (q_idx < q_len) & (in_group < GROUP)
+    tile_ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    tokens = token_start + q_idx
+    heads = kv_head * GROUP + in_group
+    context = seq_len - q_len  # positions before this step's first query
+    q_pos = context + q_idx
+    key_end = context + tl.minimum(q_len, (local + 1) * BLOCK_Q)
+    key_start = 0
+    if USE_WINDOW:
+        key_start = tl.maximum(context + local * BLOCK_Q - window + 1, 0)
+    q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh
+                + offs_d[None, :], mask=tile_ok, other=0.0)
+    m_i = tl.full([BLOCK_M], MAX_START, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_P2], dtype=tl.float32)
+    diagonal = key_start
+    if not (USE_WINDOW or MASK_ALL_TILES):
+        # Keys before the tile's first query are visible to each of its rows: no per-row
+        # mask there, only on the last BLOCK_Q keys (causal prefill).
+        diagonal = context + local * BLOCK_Q
+        m_i, l_i, acc = _attend_keys(
+            q, m_i, l_i, acc, k_ptr, v_ptr, table_row, kv_head,
+            key_start, diagonal, q_pos, window, qk_scale, softcap,
+            stride_block, stride_slot, stride_head,
+            BLOCK_SIZE, BLOCK_N, HEAD_DIM, D_P2, False, False, USE_SOFTCAP, DOT_PRECISION)
+    m_i, l_i, acc = _attend_keys(
+        q, m_i, l_i, acc, k_ptr, v_ptr, table_row, kv_head,
+        diagonal, key_end, q_pos, window, qk_scale, softcap,
+        stride_block, stride_slot, stride_head,
+        BLOCK_SIZE, BLOCK_N, HEAD_DIM, D_P2, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
+    # Rows past q_len saw nothing (l_i = 0): they are masked out of the store.
+    result = acc / tl.where(row_ok, l_i, 1.0)[:, None]
+    tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
+             + offs_d[None, :], result.to(out_ptr.dtype.element_ty), mask=tile_ok)
+
+
 @triton.jit(do_not_specialize=["num_seqs", "num_tokens", "window"])
 def _varlen_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, query_start_ptr,
                    num_seqs, num_tokens, window, qk_scale, softcap,
@@ -266,16 +321,28 @@ def _varlen_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, query
                    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
                    D_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
                    BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, MASK_ALL_TILES: tl.constexpr):
-    """Program (tile, kvh): BLOCK_Q queries of one seq x kv head kvh's query heads.
+                   DOT_PRECISION: tl.constexpr, MASK_ALL_TILES: tl.constexpr,
+                   SMALL_Q: tl.constexpr, HEAVY_FIRST: tl.constexpr):
+    """Program (kvh, tile): BLOCK_Q queries of one seq x kv head kvh's query heads.
 
     Seq s owns tiles [query_start[s] // BLOCK_Q + s, ...): that start grows by at least
     cdiv(q_len, BLOCK_Q) from one seq to the next, so cdiv(T, BLOCK_Q) + S programs cover
     every seq's tiles, and the tiles from query_start[S] // BLOCK_Q + S on cover the
     padding tokens [query_start[S], T), which are written with zeros.
+
+    SMALL_Q > 0: a seq of at most SMALL_Q queries (a decode row of a mixed step) takes a
+    tile of SMALL_Q * GROUP_P2 rows instead of BLOCK_Q * GROUP_P2, most of which it would
+    leave empty while doing their dot products over its whole context.
+    HEAVY_FIRST: a seq's query tiles run from its last, which sees the most keys, to its
+    first, so the longest programs are not the ones left running alone at the end of the
+    launch. Seqs keep query order, in which a mixed step's decode rows come first: each
+    walks its whole context in one program, the longest of all.
     """
-    tile = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    # kv heads vary fastest in launch order: every head of a tile is dispatched before the
+    # next tile, so the order over tiles holds for the whole launch, not for each head's
+    # programs in turn.
+    kv_head = tl.program_id(0)
+    tile = tl.program_id(1)
     # The largest s in [0, S] whose first tile is <= tile (s == S: the padding tokens).
     lo: tl.int32 = 0
     hi = num_seqs
@@ -292,56 +359,48 @@ def _varlen_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, query
                          tl.load(query_start_ptr + tl.minimum(seq + 1, num_seqs)))
     q_len = token_end - token_start
     local = tile - (token_start // BLOCK_Q + seq)
-
-    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P2
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_P2)
-    q_idx = local * BLOCK_Q + offs_m // GROUP_P2
-    in_group = offs_m % GROUP_P2
-    row_ok = (q_idx < q_len) & (in_group < GROUP)
-    tile_ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    tokens = token_start + q_idx
-    heads = kv_head * GROUP + in_group
-    out_ptrs = out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+    if HEAVY_FIRST:  # the seq's last query tile first
+        needed = tl.cdiv(q_len, BLOCK_Q)
+        local = tl.where(local < needed, needed - 1 - local, local)
 
     if local * BLOCK_Q < q_len:
         if is_padding:
-            tl.store(out_ptrs, tl.zeros([BLOCK_M, D_P2], dtype=out_ptr.dtype.element_ty),
-                     mask=tile_ok)
+            BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P2
+            offs_m = tl.arange(0, BLOCK_M)
+            offs_d = tl.arange(0, D_P2)
+            q_idx = local * BLOCK_Q + offs_m // GROUP_P2
+            in_group = offs_m % GROUP_P2
+            tile_ok = ((q_idx < q_len) & (in_group < GROUP))[:, None] & (offs_d < HEAD_DIM)[None, :]
+            tokens = token_start + q_idx
+            heads = kv_head * GROUP + in_group
+            tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
+                     + offs_d[None, :],
+                     tl.zeros([BLOCK_M, D_P2], dtype=out_ptr.dtype.element_ty), mask=tile_ok)
         else:
             seq_len = tl.load(seq_lens_ptr + seq)
-            context = seq_len - q_len  # positions before this step's first query
-            q_pos = context + q_idx
-            key_end = context + tl.minimum(q_len, (local + 1) * BLOCK_Q)
-            key_start = 0
-            if USE_WINDOW:
-                key_start = tl.maximum(context + local * BLOCK_Q - window + 1, 0)
-            q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh
-                        + offs_d[None, :], mask=tile_ok, other=0.0)
-            m_i = tl.full([BLOCK_M], MAX_START, dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-            acc = tl.zeros([BLOCK_M, D_P2], dtype=tl.float32)
             table_row = tables_ptr + seq * stride_table
-            diagonal = key_start
-            if not (USE_WINDOW or MASK_ALL_TILES):
-                # Keys before the tile's first query are visible to each of its rows: no
-                # per-row mask there, only on the last BLOCK_Q keys (causal prefill).
-                diagonal = context + local * BLOCK_Q
-                m_i, l_i, acc = _attend_keys(
-                    q, m_i, l_i, acc, k_ptr, v_ptr, table_row, kv_head,
-                    key_start, diagonal, q_pos, window, qk_scale, softcap,
-                    stride_block, stride_slot, stride_head,
-                    BLOCK_SIZE, BLOCK_N, HEAD_DIM, D_P2, False, False, USE_SOFTCAP,
-                    DOT_PRECISION)
-            m_i, l_i, acc = _attend_keys(
-                q, m_i, l_i, acc, k_ptr, v_ptr, table_row, kv_head,
-                diagonal, key_end, q_pos, window, qk_scale, softcap,
-                stride_block, stride_slot, stride_head,
-                BLOCK_SIZE, BLOCK_N, HEAD_DIM, D_P2, True, USE_WINDOW, USE_SOFTCAP,
-                DOT_PRECISION)
-            # Rows past q_len saw nothing (l_i = 0): they are masked out of the store.
-            result = acc / tl.where(row_ok, l_i, 1.0)[:, None]
-            tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=tile_ok)
+            if SMALL_Q > 0:  # constexpr: with 0 the small tile is not even compiled
+                if q_len <= SMALL_Q:
+                    _attend_query_tile(
+                        out_ptr, q_ptr, k_ptr, v_ptr, table_row, seq_len, token_start, q_len,
+                        0, kv_head, window, qk_scale, softcap, stride_qt, stride_qh,
+                        stride_ot, stride_oh, stride_block, stride_slot, stride_head, GROUP,
+                        GROUP_P2, HEAD_DIM, D_P2, BLOCK_SIZE, SMALL_Q, BLOCK_N, USE_WINDOW,
+                        USE_SOFTCAP, DOT_PRECISION, MASK_ALL_TILES)
+                else:
+                    _attend_query_tile(
+                        out_ptr, q_ptr, k_ptr, v_ptr, table_row, seq_len, token_start, q_len,
+                        local, kv_head, window, qk_scale, softcap, stride_qt, stride_qh,
+                        stride_ot, stride_oh, stride_block, stride_slot, stride_head, GROUP,
+                        GROUP_P2, HEAD_DIM, D_P2, BLOCK_SIZE, BLOCK_Q, BLOCK_N, USE_WINDOW,
+                        USE_SOFTCAP, DOT_PRECISION, MASK_ALL_TILES)
+            else:
+                _attend_query_tile(
+                    out_ptr, q_ptr, k_ptr, v_ptr, table_row, seq_len, token_start, q_len,
+                    local, kv_head, window, qk_scale, softcap, stride_qt, stride_qh,
+                    stride_ot, stride_oh, stride_block, stride_slot, stride_head, GROUP,
+                    GROUP_P2, HEAD_DIM, D_P2, BLOCK_SIZE, BLOCK_Q, BLOCK_N, USE_WINDOW,
+                    USE_SOFTCAP, DOT_PRECISION, MASK_ALL_TILES)
 
 
 @dataclass(frozen=True)
@@ -355,6 +414,11 @@ class Tiles:
     # varlen: the causal mask on every key tile, not only the diagonal one (the kernel
     # before 2026-12-02; kept for A/B timing in bench/gpu/varlen_tiles.py)
     mask_all_tiles: bool = False
+    # varlen: a seq of few queries (a decode row of a mixed step) takes a tile of
+    # max(16, group) rows, not block_m; off for A/B timing (the kernel before 2026-12-03)
+    small_rows: bool = True
+    # varlen: a seq's last query tile, which sees the most keys, starts first
+    heavy_first: bool = True
 
 
 def varlen_tiles(head_dim: int, group: int, element_size: int) -> Tiles:
@@ -479,11 +543,15 @@ def plan_launches(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         tiles = varlen_tiles(head_dim, group, query.element_size())
         group_p2 = _pow2(group)
         block_q = tiles.block_m // group_p2
-        return [Launch(_varlen_kernel, (triton.cdiv(num_tokens, block_q) + num_seqs,
-                                        num_kv_heads),
+        # 16 rows is the smallest tile tl.dot takes: 4 queries of a group of 4 heads
+        small_q = max(1, 16 // group_p2) if tiles.small_rows else 0
+        return [Launch(_varlen_kernel, (num_kv_heads,
+                                        triton.cdiv(num_tokens, block_q) + num_seqs),
                        dict(out_ptr=out, **inputs),
                        dict(common, GROUP_P2=group_p2, BLOCK_Q=block_q,
-                            BLOCK_N=tiles.block_n, MASK_ALL_TILES=tiles.mask_all_tiles),
+                            BLOCK_N=tiles.block_n, MASK_ALL_TILES=tiles.mask_all_tiles,
+                            SMALL_Q=small_q if small_q < block_q else 0,
+                            HEAVY_FIRST=tiles.heavy_first),
                        tiles.num_warps, tiles.num_stages)]
     tiles = decode_tiles(head_dim, query.element_size())
     if splits is None:
