@@ -126,10 +126,12 @@ def replica_spec(record: DeploymentRecord, record_file: str, replica: ReplicaRec
     compile_cache_env(env)
     env["MII_THREADS_PER_RANK"] = str(threads_per_rank(tp * len(record.replicas)))
     env["OMP_NUM_THREADS"] = env["MII_THREADS_PER_RANK"]
-    # Long prompts are encoded in pieces on the tokenizer's thread pool (runtime.encode).
-    # Said explicitly, a process that forks later (a compiler's subprocess) is not warned
-    # that the pool was used; its child turns the pool off for itself either way.
-    env.setdefault("TOKENIZERS_PARALLELISM", "true")
+    # The tokenizer's rayon pool off unless the user says otherwise: a lone long prompt is
+    # encoded in pieces on the encoder's own threads (runtime/encode.py), and with the
+    # pool on, a burst of 64 long prompts reached its first tokens ~2x later on the H200
+    # machine (66 against 32-47 ms p50). Said explicitly, a process that forks later (a
+    # compiler's subprocess) is not warned about a pool that was used.
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if replica.gpu_indices:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in replica.gpu_indices)
     target = ["-m", REPLICA_MODULE, record_file, str(replica.index)]

@@ -154,3 +154,45 @@ def test_cuts_fall_before_a_space_that_follows_a_non_space():
         assert found == sorted(set(found)) and len(found) >= 5
         assert all(text[i] == " " and not text[i - 1].isspace() for i in found)
     assert cuts("     ", 4) == [] and cuts("abc", 4) == []
+
+
+def test_a_prompt_encoded_while_another_is_goes_whole_and_both_are_right():
+    """Pieces only for a prompt encoded alone: while one prompt's pieces are being
+    encoded (held here at its first piece), a second prompt from another thread is
+    encoded whole, and each gets its own whole-text ids."""
+    import threading
+
+    tokenizer = SPLITTING["llama3_split"]()
+    encoder = PromptEncoder(tokenizer, tokenizer.backend_tokenizer, workers=4)
+    first, second = list(texts(2, seed=7))
+    entered, release = threading.Event(), threading.Event()
+    split_calls, whole_calls = [], []
+    piece, whole, in_pieces = encoder._piece, encoder._whole, encoder._in_pieces
+
+    def held_piece(part):
+        entered.set()
+        release.wait(10)
+        return piece(part)
+
+    def counting_in_pieces(text, pieces):
+        split_calls.append(text)
+        return in_pieces(text, pieces)
+
+    def counting_whole(text):
+        whole_calls.append(text)
+        return whole(text)
+
+    encoder._piece, encoder._in_pieces, encoder._whole = (held_piece, counting_in_pieces,
+                                                          counting_whole)
+    results = {}
+    worker = threading.Thread(target=lambda: results.update(first=encoder.encode(first)))
+    worker.start()
+    assert entered.wait(10)
+    results["second"] = encoder.encode(second)  # while the first is still in pieces
+    release.set()
+    worker.join(10)
+    assert split_calls == [first] and whole_calls == [second]
+    for name, text in (("first", first), ("second", second)):
+        assert results[name] == tokenizer(text, add_special_tokens=True)["input_ids"]
+    encoder._piece = piece
+    assert encoder.encode(second) == results["second"] and split_calls == [first, second]

@@ -425,10 +425,14 @@ def varlen_tiles(head_dim: int, group: int, element_size: int) -> Tiles:
     """Tiles of the varlen kernel: 128 x 64 for 2-byte types up to head_dim 128; halved
     where shared memory (K and V tiles per pipeline stage) or registers would run out.
 
-    Three pipeline stages up to head_dim 64: 2-3 % faster than two on an H200 for the
-    1.5B's prefill shapes, and the best of eight candidates; 128 x 128 tiles were 30 %
-    slower (bench/gpu/varlen_tiles.py, bench/results/h200_1202b_defaults_llama1b.jsonl).
-    head_dim 128 keeps two: not measured with three."""
+    Two pipeline stages: with the small tile and the last-tile-first order (launch order
+    kv heads fastest), two stages took 67 / 161 / 421 us on an H200 for the 1.5B's
+    chunk at context 0 / 1,802 / two whole prompts and 279 us beside 32 decode rows,
+    three stages 89 / 222 / 614 and 420 us, and three stages without that order 83 /
+    177 / 444 and 292 (one device call, bench/gpu/varlen_tiles.py,
+    bench/results/h200_1203c_kernels_llama1b.jsonl). Before that order three stages
+    had been 2-3 % faster than two; 128 x 128 tiles were 30 % slower
+    (bench/results/h200_1202b_defaults_llama1b.jsonl)."""
     d_p2 = _pow2(head_dim)
     if element_size <= 2 and d_p2 <= 128:
         block_m, block_n, warps = 128, 64, 8
@@ -438,8 +442,7 @@ def varlen_tiles(head_dim: int, group: int, element_size: int) -> Tiles:
         block_m, block_n, warps = 64, 32, 4
     else:
         block_m, block_n, warps = 32, 16, 8
-    stages = 3 if element_size <= 2 and d_p2 <= 64 else 2
-    return Tiles(max(block_m, _pow2(group)), block_n, warps, stages)
+    return Tiles(max(block_m, _pow2(group)), block_n, warps, 2)
 
 
 def decode_tiles(head_dim: int, element_size: int) -> Tiles:
