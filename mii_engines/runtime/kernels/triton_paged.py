@@ -322,7 +322,8 @@ def _varlen_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, query
                    D_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
                    BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, MASK_ALL_TILES: tl.constexpr,
-                   SMALL_Q: tl.constexpr, HEAVY_FIRST: tl.constexpr):
+                   SMALL_Q: tl.constexpr, SMALL_LIMIT: tl.constexpr,
+                   HEAVY_FIRST: tl.constexpr):
     """Program (kvh, tile): BLOCK_Q queries of one seq x kv head kvh's query heads.
 
     Seq s owns tiles [query_start[s] // BLOCK_Q + s, ...): that start grows by at least
@@ -330,9 +331,10 @@ def _varlen_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, query
     every seq's tiles, and the tiles from query_start[S] // BLOCK_Q + S on cover the
     padding tokens [query_start[S], T), which are written with zeros.
 
-    SMALL_Q > 0: a seq of at most SMALL_Q queries (a decode row of a mixed step) takes a
-    tile of SMALL_Q * GROUP_P2 rows instead of BLOCK_Q * GROUP_P2, most of which it would
-    leave empty while doing their dot products over its whole context.
+    A seq of at most SMALL_LIMIT queries (a decode row of a mixed step; SMALL_LIMIT is
+    SMALL_Q, or 0 with the small tile off) takes a tile of SMALL_Q * GROUP_P2 rows
+    instead of BLOCK_Q * GROUP_P2, most of which it would leave empty while doing their
+    dot products over its whole context.
     HEAVY_FIRST: a seq's query tiles run from its last, which sees the most keys, to its
     first, so the longest programs are not the ones left running alone at the end of the
     launch. Seqs keep query order, in which a mixed step's decode rows come first: each
@@ -379,21 +381,13 @@ def _varlen_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, query
         else:
             seq_len = tl.load(seq_lens_ptr + seq)
             table_row = tables_ptr + seq * stride_table
-            if SMALL_Q > 0:  # constexpr: with 0 the small tile is not even compiled
-                if q_len <= SMALL_Q:
-                    _attend_query_tile(
-                        out_ptr, q_ptr, k_ptr, v_ptr, table_row, seq_len, token_start, q_len,
-                        0, kv_head, window, qk_scale, softcap, stride_qt, stride_qh,
-                        stride_ot, stride_oh, stride_block, stride_slot, stride_head, GROUP,
-                        GROUP_P2, HEAD_DIM, D_P2, BLOCK_SIZE, SMALL_Q, BLOCK_N, USE_WINDOW,
-                        USE_SOFTCAP, DOT_PRECISION, MASK_ALL_TILES)
-                else:
-                    _attend_query_tile(
-                        out_ptr, q_ptr, k_ptr, v_ptr, table_row, seq_len, token_start, q_len,
-                        local, kv_head, window, qk_scale, softcap, stride_qt, stride_qh,
-                        stride_ot, stride_oh, stride_block, stride_slot, stride_head, GROUP,
-                        GROUP_P2, HEAD_DIM, D_P2, BLOCK_SIZE, BLOCK_Q, BLOCK_N, USE_WINDOW,
-                        USE_SOFTCAP, DOT_PRECISION, MASK_ALL_TILES)
+            if q_len <= SMALL_LIMIT:  # never with the small tile off (limit 0)
+                _attend_query_tile(
+                    out_ptr, q_ptr, k_ptr, v_ptr, table_row, seq_len, token_start, q_len, 0,
+                    kv_head, window, qk_scale, softcap, stride_qt, stride_qh, stride_ot,
+                    stride_oh, stride_block, stride_slot, stride_head, GROUP, GROUP_P2,
+                    HEAD_DIM, D_P2, BLOCK_SIZE, SMALL_Q, BLOCK_N, USE_WINDOW, USE_SOFTCAP,
+                    DOT_PRECISION, MASK_ALL_TILES)
             else:
                 _attend_query_tile(
                     out_ptr, q_ptr, k_ptr, v_ptr, table_row, seq_len, token_start, q_len,
@@ -547,13 +541,14 @@ def plan_launches(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         group_p2 = _pow2(group)
         block_q = tiles.block_m // group_p2
         # 16 rows is the smallest tile tl.dot takes: 4 queries of a group of 4 heads
-        small_q = max(1, 16 // group_p2) if tiles.small_rows else 0
+        small_q = max(1, 16 // group_p2)
+        small_limit = small_q if tiles.small_rows and small_q < block_q else 0
         return [Launch(_varlen_kernel, (num_kv_heads,
                                         triton.cdiv(num_tokens, block_q) + num_seqs),
                        dict(out_ptr=out, **inputs),
                        dict(common, GROUP_P2=group_p2, BLOCK_Q=block_q,
                             BLOCK_N=tiles.block_n, MASK_ALL_TILES=tiles.mask_all_tiles,
-                            SMALL_Q=small_q if small_q < block_q else 0,
+                            SMALL_Q=small_q, SMALL_LIMIT=small_limit,
                             HEAVY_FIRST=tiles.heavy_first),
                        tiles.num_warps, tiles.num_stages)]
     tiles = decode_tiles(head_dim, query.element_size())
