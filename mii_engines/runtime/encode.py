@@ -119,7 +119,7 @@ class PromptEncoder:
         self.suffix: List[int] = []
         self._encoding = 0  # prompts being encoded now, by any thread
         self._lock = threading.Lock()
-        self._pool: Optional[ThreadPoolExecutor] = None  # made on the first split prompt
+        self._pool: Optional[ThreadPoolExecutor] = None  # the pieces' threads, if any
         self.reason = "one core" if self.workers < 2 else None
         if backend is None:
             self.reason = "not a tokenizer of the tokenizers library"
@@ -128,9 +128,12 @@ class PromptEncoder:
         if self.reason is None:
             self.reason = self._learn_special_tokens()
         if self.reason is None:  # short: within any model's length, no warning logged
+            self._pool = ThreadPoolExecutor(self.workers - 1, thread_name_prefix="encode")
             probe = _PROBE * 2
             if self._in_pieces(probe, 6) != self._whole(probe):
                 self.reason = "pieces encode differently from the whole on a probe text"
+                self._pool.shutdown()
+                self._pool = None
         if self.reason is not None:
             self.backend = None
             log.debug("prompts encode on one core: %s", self.reason)
@@ -197,8 +200,7 @@ class PromptEncoder:
     def _in_pieces(self, text: str, pieces: int) -> List[int]:
         edges = [0] + cuts(text, pieces) + [len(text)]
         parts = [text[a:b] for a, b in zip(edges, edges[1:])]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers - 1, thread_name_prefix="encode")
+        assert self._pool is not None  # made with the backend's checks passed
         later = [self._pool.submit(self._piece, part) for part in parts[1:]]
         ids = list(self.prefix)
         ids.extend(self._piece(parts[0]))  # the calling thread takes the first piece

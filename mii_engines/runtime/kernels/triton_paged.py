@@ -261,6 +261,22 @@ def _combine_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, query_start_p
 
 
 @triton.jit
+def _query_rows(token_start, q_len, local, kv_head, GROUP: tl.constexpr,
+                GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr, D_P2: tl.constexpr,
+                BLOCK_Q: tl.constexpr):
+    """The BLOCK_Q * GROUP_P2 rows of query tile ``local`` of a seq starting at token
+    ``token_start``: each row's query index in the seq, token and query head, which rows
+    are real, and which of their [rows, D_P2] elements."""
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P2
+    offs_m = tl.arange(0, BLOCK_M)
+    q_idx = local * BLOCK_Q + offs_m // GROUP_P2
+    in_group = offs_m % GROUP_P2
+    row_ok = (q_idx < q_len) & (in_group < GROUP)
+    tile_ok = row_ok[:, None] & (tl.arange(0, D_P2) < HEAD_DIM)[None, :]
+    return q_idx, token_start + q_idx, kv_head * GROUP + in_group, row_ok, tile_ok
+
+
+@triton.jit
 def _attend_query_tile(out_ptr, q_ptr, k_ptr, v_ptr, table_row, seq_len, token_start, q_len,
                        local, kv_head, window, qk_scale, softcap,
                        stride_qt, stride_qh, stride_ot, stride_oh,
@@ -273,14 +289,9 @@ def _attend_query_tile(out_ptr, q_ptr, k_ptr, v_ptr, table_row, seq_len, token_s
     """Queries [local * BLOCK_Q, (local + 1) * BLOCK_Q) of one seq x kv head ``kv_head``'s
     query heads (BLOCK_Q * GROUP_P2 rows), attended over the seq's keys and stored."""
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P2
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_P2)
-    q_idx = local * BLOCK_Q + offs_m // GROUP_P2
-    in_group = offs_m % GROUP_P2
-    row_ok = (q_idx < q_len) & (in_group < GROUP)
-    tile_ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    tokens = token_start + q_idx
-    heads = kv_head * GROUP + in_group
+    q_idx, tokens, heads, row_ok, tile_ok = _query_rows(
+        token_start, q_len, local, kv_head, GROUP, GROUP_P2, HEAD_DIM, D_P2, BLOCK_Q)
     context = seq_len - q_len  # positions before this step's first query
     q_pos = context + q_idx
     key_end = context + tl.minimum(q_len, (local + 1) * BLOCK_Q)
@@ -368,13 +379,9 @@ def _varlen_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, query
     if local * BLOCK_Q < q_len:
         if is_padding:
             BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P2
-            offs_m = tl.arange(0, BLOCK_M)
             offs_d = tl.arange(0, D_P2)
-            q_idx = local * BLOCK_Q + offs_m // GROUP_P2
-            in_group = offs_m % GROUP_P2
-            tile_ok = ((q_idx < q_len) & (in_group < GROUP))[:, None] & (offs_d < HEAD_DIM)[None, :]
-            tokens = token_start + q_idx
-            heads = kv_head * GROUP + in_group
+            _, tokens, heads, _, tile_ok = _query_rows(
+                token_start, q_len, local, kv_head, GROUP, GROUP_P2, HEAD_DIM, D_P2, BLOCK_Q)
             tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
                      + offs_d[None, :],
                      tl.zeros([BLOCK_M, D_P2], dtype=out_ptr.dtype.element_ty), mask=tile_ok)
