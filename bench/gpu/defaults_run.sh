@@ -16,6 +16,8 @@
 # IMPORT_TIMES=1 (seconds of torch, CUDA init, transformers, deepspeed; -X importtime),
 # SPY=1 (py-spy samples the second serve's replica from its start: spy_second.txt, raw
 # stacks with thread names; needs the py-spy wheel carried in .spy/).
+# VARIANTS="label=JSON;label=JSON" (serve settings timed after the defaults, on
+# VARIANT_CASES, default "long"; with LATENCY=1 also their ttft4k and itl_long).
 # Results under $OUT: workload.jsonl, latency.jsonl, kernels.jsonl, sampling.jsonl, run.log,
 # logs.tgz (the deployments' logs).
 set -u
@@ -91,6 +93,18 @@ if [ $rc != 0 ] && [ -n "${RETRY_EXTRA:-}" ]; then  # which part failed: e.g. '{
   LABEL=ours_retry SYSTEM=ours CASES=c128 SERVE_EXTRA=$RETRY_EXTRA timeout 300 python3 bench/gpu/workload_bench.py
   stamp "retry done rc=$?"
 fi
+IFS=';' read -ra variants <<< "${VARIANTS:-}"
+for variant in "${variants[@]}"; do  # the same cases under other serve settings
+  label=${variant%%=*} extra=${variant#*=}
+  LABEL=$label SYSTEM=ours CASES="${VARIANT_CASES:-long}" SERVE_EXTRA=$extra WAIT_FOR=$JIT_DONE \
+    timeout 300 python3 bench/gpu/workload_bench.py 2>&1 | grep '"case"' | cut -c1-300
+  stamp "variant $label done"
+  if [ "${LATENCY:-0}" = 1 ]; then
+    LABEL=$label CASES="ttft4k itl_long" SERVE_EXTRA=$extra \
+      timeout 200 python3 bench/gpu/latency_bench.py 2>&1 | grep '"case"' | cut -c1-400
+    stamp "variant $label latency done"
+  fi
+done
 if [ "${SECOND_SERVE:-0}" = 1 ]; then  # the same model again: compile caches under $MII_HOME
   if [ "${SPY:-0}" = 1 ]; then  # attach to the new replica as soon as it exists
     python3 -m pip install -q --no-index --no-deps --target /tmp/spy .spy/*.whl

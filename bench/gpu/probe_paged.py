@@ -11,7 +11,7 @@ time by kind with the GPU's busy share of the run (``kernel_summary``). Variants
 compiled (the defaults), eager (no torch.compile), nographs (no CUDA graphs, no
 compile). With ``LONG=1`` the timed and profiled runs are instead 32 distinct prompts of
 3,850 tokens + 128 new: issue 17's long-prompt case, where prefill dominates.
-``DECODING_BUDGET``: the scheduler's prompt tokens per step while rows decode (2,048).
+``DECODING_BUDGET``: the scheduler's tokens per step while rows decode (``prefill_chunk_tokens``).
 """
 from __future__ import annotations
 
@@ -47,13 +47,11 @@ def log(**fields):
 
 LONG = os.environ.get("LONG") == "1"
 if os.environ.get("DECODING_BUDGET"):  # the scheduler's prompt tokens per step while rows decode
-    import dataclasses
-
     from mii_engines.runtime.kv import choose
-    from mii_engines.runtime.scheduler import Budgets
 
-    choose.Budgets = lambda: dataclasses.replace(
-        Budgets(), decoding=int(os.environ["DECODING_BUDGET"]))
+    _budgets_for = choose.budgets_for
+    choose.budgets_for = lambda config: _budgets_for(config.model_copy(
+        update={"prefill_chunk_tokens": int(os.environ["DECODING_BUDGET"])}))
 PROFILE_ROWS = int(os.environ.get("PROFILE_ROWS", "16"))
 
 

@@ -176,6 +176,11 @@ class ModelConfig(_Strict):
     """Reuse the KV blocks of prompt prefixes that earlier requests computed (paged cache). (mii extension)"""
     max_batch_size: Optional[int] = Field(None, gt=0)
     """Most sequences generated together; None: 256 with the paged cache, 64 otherwise. (mii extension)"""
+    prefill_chunk_tokens: Optional[int] = Field(None, ge=16, le=65536)
+    """Tokens one step feeds while other sequences decode, their own one token each
+    included; a longer prompt is fed in chunks across steps. Larger prefills long prompts
+    faster, smaller delays the decoding sequences' next token less. None: 4096. (paged
+    cache; mii extension)"""
 
     @field_validator("device_map", mode="before")
     @classmethod

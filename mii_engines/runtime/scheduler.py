@@ -31,7 +31,12 @@ class Budgets:
     """Prompt tokens fed per step, in ``KVSpace.prefill_cost`` units."""
 
     idle: int = 8192  # nothing decodes: as much as the activations allow
-    decoding: int = 2048  # rows wait for this step's prefill before their next token
+    # Rows wait for this step's prefill before their next token. On an H200 (the 1.5B, 32
+    # prompts of ~3.85k tokens + 128 new): 2,048 gave 4,420 tok/s, 4,096 4,685, 8,192
+    # 4,701; the other streams' inter-token p99 / p50 while a 4k prompt is fed 1.36 /
+    # 1.33 / 1.65 (bench/results/h200_1203d_chunk_budget_llama1b.jsonl): fewer steps, so
+    # fewer passes over the decoding rows' contexts.
+    decoding: int = 4096
 
 
 @dataclass

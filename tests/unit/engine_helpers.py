@@ -80,10 +80,11 @@ def make_loop(loaded: LoadedModel, state: KVState, space: KVSpace, max_batch_siz
 def loop_for(loaded: LoadedModel, kv_cache: str = "dynamic", max_batch_size: int = 8,
              max_queue_size: int = 16, pipelined: bool = False,
              budgets: Optional[Budgets] = None, **config) -> EngineLoop:
-    """A loop over the KV cache ``kv_cache`` (not running)."""
+    """A loop over the KV cache ``kv_cache`` (not running); ``budgets`` replace the ones the
+    configuration gives."""
     kv = setup(loaded, kv_cache, max_batch_size=max_batch_size, **config)
     return make_loop(loaded, kv.state, kv.space, max_batch_size, max_queue_size, pipelined,
-                     budgets)
+                     budgets or kv.budgets)
 
 
 @contextmanager

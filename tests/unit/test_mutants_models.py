@@ -30,7 +30,7 @@ MODEL_DEFAULTS = {
     "max_length": None, "dtype": "auto", "sync_debug": False, "profile_model_time": False,
     "engine": "auto", "kv_cache": "auto", "cuda_graphs": True, "torch_compile": None,
     "gpu_memory_utilization": 0.9, "kv_block_size": 16, "kv_blocks": None,
-    "prefix_caching": True, "max_batch_size": None,
+    "prefix_caching": True, "max_batch_size": None, "prefill_chunk_tokens": None,
 }
 MII_DEFAULTS = {
     "deployment_name": "m-mii-deployment", "deployment_type": DeploymentType.LOCAL,
@@ -87,6 +87,8 @@ EDGES = [
     (ModelConfig, "gpu_memory_utilization", 1e-6, 0.0),
     (ModelConfig, "kv_blocks", 4, 3),
     (ModelConfig, "max_batch_size", 1, 0),
+    (ModelConfig, "prefill_chunk_tokens", 16, 15),
+    (ModelConfig, "prefill_chunk_tokens", 65536, 65537),
     (MIIConfig, "port_number", 1, 0),
     (MIIConfig, "port_number", 65535, 65536),
     (MIIConfig, "restful_api_port", 1, 0),

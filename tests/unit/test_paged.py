@@ -189,10 +189,11 @@ def test_chunked_prefill_gives_one_shot_tokens_while_rows_keep_decoding(tiny_mod
 
 def test_a_step_with_decode_rows_stays_within_the_budget_they_count_in(tiny_model,
                                                                         reference_texts):
-    """While rows decode, their tokens count against the step's budget (one packed
-    forward: 16 prompt tokens beside 3 rows would pad to the next graph bucket), and at
-    least half of it still goes to the prompt."""
-    loop = paged_loop(tiny_model, budgets=Budgets(idle=64, decoding=16), prefix_caching=False)
+    """While rows decode, their tokens count against the step's budget
+    (``prefill_chunk_tokens``; one packed forward: 16 prompt tokens beside 3 rows would pad
+    to the next graph bucket), and at least half of it still goes to the prompt."""
+    loop = paged_loop(tiny_model, prefill_chunk_tokens=16, prefix_caching=False)
+    assert loop.scheduler.budgets == Budgets(idle=Budgets.idle, decoding=16)
     steps = []
     original = loop.executor.state.apply
     loop.executor.state.apply = lambda plan: steps.append(plan) or original(plan)
@@ -207,6 +208,13 @@ def test_a_step_with_decode_rows_stays_within_the_budget_they_count_in(tiny_mode
              for plan in steps if plan.chunks and plan.decode_slots]
     assert mixed and all(rows + tokens <= 16 and tokens >= 1 for rows, tokens in mixed)
     assert (3, 13) in mixed, mixed  # the long prompt's chunks beside the three rows
+
+
+def test_a_chunk_budget_above_the_idle_one_raises_it():
+    """A step never feeds fewer prompt tokens with nothing decoding than while rows decode."""
+    config = ModelConfig(model_name_or_path="m", prefill_chunk_tokens=12288)
+    assert choose.budgets_for(config) == Budgets(idle=12288, decoding=12288)
+    assert choose.budgets_for(ModelConfig(model_name_or_path="m")) == Budgets()
 
 
 def test_preemption_recomputes_and_loses_nothing(tiny_model, reference_texts):

@@ -64,7 +64,7 @@ def paged_or_fallback(loaded: LoadedModel, config: ModelConfig, world_size: int,
     ``fallback`` a model the paged cache cannot serve is a ConfigError naming why."""
     try:
         return _paged(loaded, config, world_size, config.max_batch_size or PAGED_BATCH,
-                      Budgets())
+                      budgets_for(config))
     except Unsupported as why:
         if not fallback:
             raise ConfigError(f"kv_cache='paged' cannot serve "
@@ -74,8 +74,15 @@ def paged_or_fallback(loaded: LoadedModel, config: ModelConfig, world_size: int,
         return _rows(loaded, config, world_size, "dynamic")
 
 
+def budgets_for(config: ModelConfig) -> Budgets:
+    """The scheduler's step budgets: ``prefill_chunk_tokens`` while sequences decode, and
+    at least as many when none does."""
+    decoding = config.prefill_chunk_tokens or Budgets.decoding
+    return Budgets(idle=max(Budgets.idle, decoding), decoding=decoding)
+
+
 def _rows(loaded: LoadedModel, config: ModelConfig, world_size: int, kind: str) -> KVSetup:
-    budgets = Budgets()
+    budgets = budgets_for(config)
     batch = config.max_batch_size or ROW_BATCH
     if kind == "static":
         from mii_engines.runtime.kv.slots import make_slot_state
