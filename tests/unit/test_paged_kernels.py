@@ -60,34 +60,28 @@ def test_kernels_match_the_reference(decode_only, splits, window, softcap, heads
         assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("small_rows,heavy_first,splits,share_seqs", [
-    (True, True, 1, 32), (False, True, 3, 32), (True, False, 1, 32), (False, False, 1, 32),
-    (True, True, 3, 32), (True, False, 4, 32), (True, True, 3, 2)])
+@pytest.mark.parametrize("small_rows,heavy_first", [(True, True), (False, True),
+                                                    (True, False), (False, False)])
 @pytest.mark.parametrize("heads,kv_heads,window", [(4, 1, 0), (4, 2, 0), (6, 6, 0),
-                                                   (4, 2, 9), (4, 2, 50)])
+                                                   (4, 2, 9)])
 def test_varlen_short_runs_on_the_small_tile_and_long_ones_on_the_wide(
-        monkeypatch, small_rows, heavy_first, splits, share_seqs, heads, kv_heads, window):
+        monkeypatch, small_rows, heavy_first, heads, kv_heads, window):
     """A mixed step whose seqs have 1, SMALL_Q, SMALL_Q + 1 and several tiles' worth of
     queries (fp32 tiles: 64 rows; the small tile 16): the ones up to SMALL_Q take the
-    16-row tile, the others the wide one, in either program order. With ``splits``, a
-    small seq among the first ``share_seqs`` has its keys (32-key tiles, one share at
-    least) in up to that many shares, merged after (the last row's 97 keys: 4 tiles;
-    with share_seqs 2 it walks them in one program). Every output matches the reference,
-    padding tokens included."""
+    16-row tile, the others the wide one, in either program order; every output matches
+    the reference, padding tokens included."""
     paged = importlib.import_module("mii_engines.runtime.kernels.triton_paged")
     chosen = paged.varlen_tiles(16, heads // kv_heads, 4)
     monkeypatch.setattr(paged, "varlen_tiles", lambda *_: paged.Tiles(
         chosen.block_m, chosen.block_n, chosen.num_warps, chosen.num_stages,
-        small_rows=small_rows, heavy_first=heavy_first, small_splits=splits,
-        small_share_keys=1))
-    monkeypatch.setattr(paged, "SMALL_SHARE_SEQS", share_seqs)
+        small_rows=small_rows, heavy_first=heavy_first))
     group_p2 = triton.next_power_of_2(heads // kv_heads)
     small_q, block_q = max(1, 16 // group_p2), chosen.block_m // group_p2
     assert small_q < block_q  # both tiles are used
     dim, block = 16, 4
     gen = torch.Generator().manual_seed(heads + kv_heads + window)
     q_lens = [1, small_q, small_q + 1, 2 * block_q + 3, 1]
-    contexts = [70, 5 + 60, 0, 17, 96]
+    contexts = [70, 5, 0, 17, 0]
     blocks = [-(-(q + c) // block) for q, c in zip(q_lens, contexts)]
     pool = sum(blocks) + 1
     keys = torch.randn(pool, block, kv_heads, dim, generator=gen)

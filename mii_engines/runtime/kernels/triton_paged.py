@@ -14,13 +14,11 @@ the block table, online softmax in fp32, base-2 exponentials):
   launches per layer fewer (the K and V writes). Merging in the decode kernel instead
   (the last share, found by an atomic count) measured slower at one stream (1.48 against
   1.40 ms a step on an H200) though faster at 16 and 64: not kept.
-- ``_varlen_kernel`` (prefill chunks, mixed steps): grid (KVH, shares + cdiv(T, BLOCK_Q)
-  + S); a program finds its (seq, query tile) by binary search over ``query_start`` and
-  takes BLOCK_Q queries x the group's heads as its M rows; a seq of a few queries (a
-  decode row beside a prefill chunk) takes a 16-row tile instead, and among the first
-  SMALL_SHARE_SEQS seqs its keys are split into shares (the first programs of the
-  launch), which ``_combine_small_kernel`` merges. A seq's tiles run from its last (the
-  most keys) to its first.
+- ``_varlen_kernel`` (prefill chunks, mixed steps): grid (KVH, cdiv(T, BLOCK_Q) + S); a
+  program finds its (seq, query tile) by binary search over ``query_start`` and takes
+  BLOCK_Q queries x the group's heads as its M rows; a seq of a few queries (a decode row
+  beside a prefill chunk) takes a 16-row tile instead. A seq's tiles run from its last
+  (the most keys) to its first.
 
 Every grid depends on shapes only and nothing here reads a tensor on the host, so a call
 can be captured in a CUDA graph. Importing this module needs triton, not a GPU: the tests
@@ -49,10 +47,6 @@ MAX_START = tl.constexpr(-1.0e30)
 # 14.9, 512 keys 7.2 / 12.6 / 15.6; 16 shares of >= 64 keys is the best of each column.
 MAX_DECODE_SPLITS = 16
 DECODE_SHARE_KEYS = 64
-# Small seqs (a mixed step's decode rows, which come first) whose keys the varlen kernel
-# splits into shares: shape-only, so the share programs of seqs beyond those present
-# exit at once; a decode row past the first 32 walks its keys in one program.
-SMALL_SHARE_SEQS = 32
 
 
 @triton.jit
@@ -125,57 +119,39 @@ def _write_new_key(new_k_ptr, new_v_ptr, slots_ptr, k_ptr, v_ptr, token, kv_head
 
 
 @triton.jit
-def _share_span(key_start, key_end, splits, MIN_TILES: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(keys per share, shares used) of the keys [key_start, key_end): at most ``splits``
-    shares of at least MIN_TILES key tiles each. A range that short is one share, which
-    writes the output itself: nothing to combine, no partials."""
-    tiles = tl.cdiv(key_end - key_start, BLOCK_N)
-    per_share = tl.maximum(tl.cdiv(tiles, splits), MIN_TILES)
-    return per_share * BLOCK_N, tl.cdiv(tiles, per_share)
-
-
-@triton.jit
 def _key_shares(seq_len, window, SPLITS: tl.constexpr, MIN_TILES: tl.constexpr,
                 BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr):
-    """(first key, keys per share, shares used) of one sequence in a decode step
-    (``_share_span`` over the keys its one query sees)."""
+    """(first key, keys per share, shares used) of one sequence in a decode step: at most
+    SPLITS shares of at least MIN_TILES key tiles each. A context that short is one share,
+    which writes the output itself: nothing to combine, no partials."""
     first_key = 0
     if USE_WINDOW:
         first_key = tl.maximum(seq_len - window, 0)
-    share_keys, used = _share_span(first_key, seq_len, SPLITS, MIN_TILES, BLOCK_N)
-    return first_key, share_keys, used
+    tiles = tl.cdiv(seq_len - first_key, BLOCK_N)
+    per_share = tl.maximum(tl.cdiv(tiles, SPLITS), MIN_TILES)
+    return first_key, per_share * BLOCK_N, tl.cdiv(tiles, per_share)
 
 
 @triton.jit
-def _merge_splits(out_ptr, out_rows, part_m_ptr, part_l_ptr, part_acc_ptr, first, step, used,
-                  row_ok, tile_ok, offs_d, HEAD_DIM: tl.constexpr):
-    """Merge the ``used`` partials (max, sum, acc) of each row, at ``first + k * step``
-    (k < used), into its output row (``out_ptr + out_rows``), in one pass (the running max
-    rescales what came before)."""
-    m_all = tl.full(row_ok.shape, MAX_START, dtype=tl.float32)
-    total = tl.zeros(row_ok.shape, dtype=tl.float32)
-    acc = tl.zeros(tile_ok.shape, dtype=tl.float32)
+def _merge_splits(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, token, first, used, heads,
+                  g_ok, rows_ok, offs_d, stride_ot, stride_oh, HEAD_DIM: tl.constexpr):
+    """Merge the ``used`` partials (max, sum, acc) from index ``first`` of each head into
+    the output row of ``token``, in one pass (the running max rescales what came before)."""
+    m_all = tl.full(heads.shape, MAX_START, dtype=tl.float32)
+    total = tl.zeros(heads.shape, dtype=tl.float32)
+    acc = tl.zeros(rows_ok.shape, dtype=tl.float32)
     for k in range(used):
-        part = first + k * step
-        m_k = tl.load(part_m_ptr + part, mask=row_ok, other=MAX_START)
+        m_k = tl.load(part_m_ptr + first + k, mask=g_ok, other=MAX_START)
         m_new = tl.maximum(m_all, m_k)
         before, weight = tl.exp2(m_all - m_new), tl.exp2(m_k - m_new)
-        total = total * before + weight * tl.load(part_l_ptr + part, mask=row_ok, other=0.0)
+        total = total * before + weight * tl.load(part_l_ptr + first + k, mask=g_ok, other=0.0)
         acc = acc * before[:, None] + weight[:, None] * tl.load(
-            part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=tile_ok, other=0.0)
+            part_acc_ptr + (first + k)[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=rows_ok, other=0.0)
         m_all = m_new
-    result = acc / tl.where(row_ok, total, 1.0)[:, None]
-    tl.store(out_ptr + out_rows[:, None] + offs_d[None, :], result.to(out_ptr.dtype.element_ty),
-             mask=tile_ok)
-
-
-@triton.jit
-def _store_partials(part_m_ptr, part_l_ptr, part_acc_ptr, part, m_i, l_i, acc, row_ok, tile_ok,
-                    offs_d, HEAD_DIM: tl.constexpr):
-    """One share's (max, sum, acc) of each row at index ``part``, for ``_merge_splits``."""
-    tl.store(part_m_ptr + part, m_i, mask=row_ok)
-    tl.store(part_l_ptr + part, l_i, mask=row_ok)
-    tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=tile_ok)
+    result = acc / tl.where(g_ok, total, 1.0)[:, None]
+    tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+             result.to(out_ptr.dtype.element_ty), mask=rows_ok)
 
 
 # Counts and the window change from step to step: not specialised, so no new compile.
@@ -251,9 +227,12 @@ def _decode_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
             else:
                 # Partials [S, H, SPLITS] and [S, H, SPLITS, HEAD_DIM]; the combine reads
                 # the first ``used`` of each head.
-                _store_partials(part_m_ptr, part_l_ptr, part_acc_ptr,
-                                (i * num_heads + heads) * SPLITS + split, m_i, l_i, acc,
-                                offs_g < GROUP, rows_ok, offs_d, HEAD_DIM)
+                part = (i * num_heads + heads) * SPLITS + split
+                g_ok = offs_g < GROUP
+                tl.store(part_m_ptr + part, m_i, mask=g_ok)
+                tl.store(part_l_ptr + part, l_i, mask=g_ok)
+                tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc,
+                         mask=rows_ok)
 
 
 @triton.jit(do_not_specialize=["window"])
@@ -276,9 +255,9 @@ def _combine_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, query_start_p
         g_ok = offs_g < GROUP
         rows_ok = g_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
         heads = kv_head * GROUP + offs_g
-        _merge_splits(out_ptr, token * stride_ot + heads * stride_oh, part_m_ptr, part_l_ptr,
-                      part_acc_ptr, (seq * num_heads + heads) * SPLITS, 1, used, g_ok, rows_ok,
-                      offs_d, HEAD_DIM)
+        _merge_splits(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, token,
+                      (seq * num_heads + heads) * SPLITS, used, heads, g_ok, rows_ok, offs_d,
+                      stride_ot, stride_oh, HEAD_DIM)
 
 
 @triton.jit
@@ -345,77 +324,9 @@ def _attend_query_tile(out_ptr, q_ptr, k_ptr, v_ptr, table_row, seq_len, token_s
              + offs_d[None, :], result.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
-@triton.jit
-def _small_span(seq_len, q_len, window, splits, MIN_TILES: tl.constexpr, BLOCK_N: tl.constexpr,
-                USE_WINDOW: tl.constexpr):
-    """(first key, keys per share, shares used) of a seq of few queries: every key any of
-    them sees, in ``_share_span``'s shares."""
-    key_start = 0
-    if USE_WINDOW:
-        key_start = tl.maximum(seq_len - q_len - window + 1, 0)
-    share_keys, used = _share_span(key_start, seq_len, splits, MIN_TILES, BLOCK_N)
-    return key_start, share_keys, used
-
-
-@triton.jit
-def _attend_small_share(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, q_ptr, k_ptr, v_ptr,
-                        table_row, seq_len, token_start, q_len, kv_head, share, splits,
-                        part_first, window, qk_scale, softcap,
-                        stride_qt, stride_qh, stride_ot, stride_oh,
-                        stride_block, stride_slot, stride_head,
-                        GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        D_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, SMALL_Q: tl.constexpr,
-                        BLOCK_N: tl.constexpr, MIN_TILES: tl.constexpr,
-                        USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, MASK_ALL_TILES: tl.constexpr):
-    """Share ``share`` of the keys of a seq of at most SMALL_Q queries (all of them in one
-    SMALL_Q * GROUP_P2-row tile), split into at most ``splits`` shares: written to the
-    output when the keys took one share, else as partials from ``part_first`` on (share
-    k of row r at part_first + k * rows + r) for ``_combine_small_kernel``."""
-    BLOCK_M: tl.constexpr = SMALL_Q * GROUP_P2
-    offs_d = tl.arange(0, D_P2)
-    q_idx, tokens, heads, row_ok, tile_ok = _query_rows(
-        token_start, q_len, 0, kv_head, GROUP, GROUP_P2, HEAD_DIM, D_P2, SMALL_Q)
-    context = seq_len - q_len
-    key_start, share_keys, used = _small_span(seq_len, q_len, window, splits, MIN_TILES,
-                                              BLOCK_N, USE_WINDOW)
-    if share < used:
-        first = key_start + share * share_keys
-        last = tl.minimum(first + share_keys, seq_len)
-        q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh
-                    + offs_d[None, :], mask=tile_ok, other=0.0)
-        m_i = tl.full([BLOCK_M], MAX_START, dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, D_P2], dtype=tl.float32)
-        masked_from = first
-        if not (USE_WINDOW or MASK_ALL_TILES):
-            # Every query sees the keys before the first query: the mask only on the last
-            # q_len keys, which the last share holds.
-            masked_from = tl.maximum(first, context)
-            m_i, l_i, acc = _attend_keys(
-                q, m_i, l_i, acc, k_ptr, v_ptr, table_row, kv_head,
-                first, tl.minimum(last, context), context + q_idx, window, qk_scale, softcap,
-                stride_block, stride_slot, stride_head,
-                BLOCK_SIZE, BLOCK_N, HEAD_DIM, D_P2, False, False, USE_SOFTCAP, DOT_PRECISION)
-        m_i, l_i, acc = _attend_keys(
-            q, m_i, l_i, acc, k_ptr, v_ptr, table_row, kv_head,
-            masked_from, last, context + q_idx, window, qk_scale, softcap,
-            stride_block, stride_slot, stride_head,
-            BLOCK_SIZE, BLOCK_N, HEAD_DIM, D_P2, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
-        if used == 1:
-            result = acc / tl.where(row_ok, l_i, 1.0)[:, None]
-            tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
-                     + offs_d[None, :], result.to(out_ptr.dtype.element_ty), mask=tile_ok)
-        else:
-            _store_partials(part_m_ptr, part_l_ptr, part_acc_ptr,
-                            part_first + share * BLOCK_M + tl.arange(0, BLOCK_M), m_i, l_i,
-                            acc, row_ok, tile_ok, offs_d, HEAD_DIM)
-
-
-@triton.jit(do_not_specialize=["num_seqs", "num_tokens", "window", "share_seqs"])
-def _varlen_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-                   q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, query_start_ptr,
-                   num_seqs, num_tokens, share_seqs, window, qk_scale, softcap,
+@triton.jit(do_not_specialize=["num_seqs", "num_tokens", "window"])
+def _varlen_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, query_start_ptr,
+                   num_seqs, num_tokens, window, qk_scale, softcap,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_table,
                    stride_block, stride_slot, stride_head,
                    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -423,136 +334,74 @@ def _varlen_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
                    BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, MASK_ALL_TILES: tl.constexpr,
                    SMALL_Q: tl.constexpr, SMALL_LIMIT: tl.constexpr,
-                   HEAVY_FIRST: tl.constexpr, SMALL_SPLITS: tl.constexpr,
-                   MIN_TILES: tl.constexpr):
-    """Program (kvh, tile): BLOCK_Q queries of one seq x kv head kvh's query heads, or one
-    share of a small seq's keys.
+                   HEAVY_FIRST: tl.constexpr):
+    """Program (kvh, tile): BLOCK_Q queries of one seq x kv head kvh's query heads.
 
-    The first share_seqs * (SMALL_SPLITS - 1) tiles are shares 1.. of the first
-    share_seqs seqs (SMALL_SPLITS - 1 each), for those that are small; the rest are the
-    query tiles. Seq s owns query tiles [query_start[s] // BLOCK_Q + s, ...): that start
-    grows by at least cdiv(q_len, BLOCK_Q) from one seq to the next, so
-    cdiv(T, BLOCK_Q) + S programs cover every seq's tiles, and the tiles from
-    query_start[S] // BLOCK_Q + S on cover the padding tokens [query_start[S], T), which
-    are written with zeros.
+    Seq s owns tiles [query_start[s] // BLOCK_Q + s, ...): that start grows by at least
+    cdiv(q_len, BLOCK_Q) from one seq to the next, so cdiv(T, BLOCK_Q) + S programs cover
+    every seq's tiles, and the tiles from query_start[S] // BLOCK_Q + S on cover the
+    padding tokens [query_start[S], T), which are written with zeros.
 
     A seq of at most SMALL_LIMIT queries (a decode row of a mixed step; SMALL_LIMIT is
     SMALL_Q, or 0 with the small tile off) takes a tile of SMALL_Q * GROUP_P2 rows
     instead of BLOCK_Q * GROUP_P2, most of which it would leave empty while doing their
-    dot products over its whole context; among the first share_seqs seqs, its keys are
-    split into up to SMALL_SPLITS shares (its query tile takes share 0), merged by
-    ``_combine_small_kernel``: one program walking a 4k-token context alone is
-    latency-bound, and the longest of the launch.
+    dot products over its whole context.
     HEAVY_FIRST: a seq's query tiles run from its last, which sees the most keys, to its
     first, so the longest programs are not the ones left running alone at the end of the
-    launch. Seqs keep query order, in which a mixed step's decode rows come first.
+    launch. Seqs keep query order, in which a mixed step's decode rows come first: each
+    walks its whole context in one program, the longest of all.
     """
     # kv heads vary fastest in launch order: every head of a tile is dispatched before the
     # next tile, so the order over tiles holds for the whole launch, not for each head's
     # programs in turn.
     kv_head = tl.program_id(0)
     tile = tl.program_id(1)
-    num_kv_heads = tl.num_programs(0)
-    SMALL_M: tl.constexpr = SMALL_Q * GROUP_P2
-    extra = share_seqs * (SMALL_SPLITS - 1)
-    if tile < extra:  # share 1.. of a small seq
-        seq = tile // (SMALL_SPLITS - 1)
-        if seq < num_seqs:
-            token_start = tl.load(query_start_ptr + seq)
-            q_len = tl.load(query_start_ptr + seq + 1) - token_start
-            if (q_len > 0) & (q_len <= SMALL_LIMIT):
-                _attend_small_share(
-                    out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, q_ptr, k_ptr, v_ptr,
-                    tables_ptr + seq * stride_table, tl.load(seq_lens_ptr + seq), token_start,
-                    q_len, kv_head, 1 + tile % (SMALL_SPLITS - 1), SMALL_SPLITS,
-                    (seq * num_kv_heads + kv_head) * SMALL_SPLITS * SMALL_M, window, qk_scale,
-                    softcap, stride_qt, stride_qh, stride_ot, stride_oh, stride_block,
-                    stride_slot, stride_head, GROUP, GROUP_P2, HEAD_DIM, D_P2, BLOCK_SIZE,
-                    SMALL_Q, BLOCK_N, MIN_TILES, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION,
-                    MASK_ALL_TILES)
-    else:
-        tile -= extra
-        # The largest s in [0, S] whose first tile is <= tile (s == S: the padding tokens).
-        lo: tl.int32 = 0
-        hi = num_seqs
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if tl.load(query_start_ptr + mid) // BLOCK_Q + mid <= tile:
-                lo = mid
+    # The largest s in [0, S] whose first tile is <= tile (s == S: the padding tokens).
+    lo: tl.int32 = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if tl.load(query_start_ptr + mid) // BLOCK_Q + mid <= tile:
+            lo = mid
+        else:
+            hi = mid - 1
+    seq = lo
+    token_start = tl.load(query_start_ptr + seq)
+    is_padding = seq == num_seqs
+    token_end = tl.where(is_padding, num_tokens,
+                         tl.load(query_start_ptr + tl.minimum(seq + 1, num_seqs)))
+    q_len = token_end - token_start
+    local = tile - (token_start // BLOCK_Q + seq)
+    if HEAVY_FIRST:  # the seq's last query tile first
+        needed = tl.cdiv(q_len, BLOCK_Q)
+        local = tl.where(local < needed, needed - 1 - local, local)
+
+    if local * BLOCK_Q < q_len:
+        if is_padding:
+            BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P2
+            offs_d = tl.arange(0, D_P2)
+            _, tokens, heads, _, tile_ok = _query_rows(
+                token_start, q_len, local, kv_head, GROUP, GROUP_P2, HEAD_DIM, D_P2, BLOCK_Q)
+            tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
+                     + offs_d[None, :],
+                     tl.zeros([BLOCK_M, D_P2], dtype=out_ptr.dtype.element_ty), mask=tile_ok)
+        else:
+            seq_len = tl.load(seq_lens_ptr + seq)
+            table_row = tables_ptr + seq * stride_table
+            if q_len <= SMALL_LIMIT:  # never with the small tile off (limit 0)
+                _attend_query_tile(
+                    out_ptr, q_ptr, k_ptr, v_ptr, table_row, seq_len, token_start, q_len, 0,
+                    kv_head, window, qk_scale, softcap, stride_qt, stride_qh, stride_ot,
+                    stride_oh, stride_block, stride_slot, stride_head, GROUP, GROUP_P2,
+                    HEAD_DIM, D_P2, BLOCK_SIZE, SMALL_Q, BLOCK_N, USE_WINDOW, USE_SOFTCAP,
+                    DOT_PRECISION, MASK_ALL_TILES)
             else:
-                hi = mid - 1
-        seq = lo
-        token_start = tl.load(query_start_ptr + seq)
-        is_padding = seq == num_seqs
-        token_end = tl.where(is_padding, num_tokens,
-                             tl.load(query_start_ptr + tl.minimum(seq + 1, num_seqs)))
-        q_len = token_end - token_start
-        local = tile - (token_start // BLOCK_Q + seq)
-        if HEAVY_FIRST:  # the seq's last query tile first
-            needed = tl.cdiv(q_len, BLOCK_Q)
-            local = tl.where(local < needed, needed - 1 - local, local)
-
-        if local * BLOCK_Q < q_len:
-            if is_padding:
-                BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P2
-                offs_d = tl.arange(0, D_P2)
-                _, tokens, heads, _, tile_ok = _query_rows(
-                    token_start, q_len, local, kv_head, GROUP, GROUP_P2, HEAD_DIM, D_P2,
-                    BLOCK_Q)
-                tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
-                         + offs_d[None, :],
-                         tl.zeros([BLOCK_M, D_P2], dtype=out_ptr.dtype.element_ty),
-                         mask=tile_ok)
-            else:
-                seq_len = tl.load(seq_lens_ptr + seq)
-                table_row = tables_ptr + seq * stride_table
-                if q_len <= SMALL_LIMIT:  # never with the small tile off (limit 0)
-                    _attend_small_share(
-                        out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, q_ptr, k_ptr, v_ptr,
-                        table_row, seq_len, token_start, q_len, kv_head, 0,
-                        tl.where(seq < share_seqs, SMALL_SPLITS, 1),
-                        (seq * num_kv_heads + kv_head) * SMALL_SPLITS * SMALL_M, window,
-                        qk_scale, softcap, stride_qt, stride_qh, stride_ot, stride_oh,
-                        stride_block, stride_slot, stride_head, GROUP, GROUP_P2, HEAD_DIM,
-                        D_P2, BLOCK_SIZE, SMALL_Q, BLOCK_N, MIN_TILES, USE_WINDOW,
-                        USE_SOFTCAP, DOT_PRECISION, MASK_ALL_TILES)
-                else:
-                    _attend_query_tile(
-                        out_ptr, q_ptr, k_ptr, v_ptr, table_row, seq_len, token_start, q_len,
-                        local, kv_head, window, qk_scale, softcap, stride_qt, stride_qh,
-                        stride_ot, stride_oh, stride_block, stride_slot, stride_head, GROUP,
-                        GROUP_P2, HEAD_DIM, D_P2, BLOCK_SIZE, BLOCK_Q, BLOCK_N, USE_WINDOW,
-                        USE_SOFTCAP, DOT_PRECISION, MASK_ALL_TILES)
-
-
-@triton.jit(do_not_specialize=["num_seqs", "window"])
-def _combine_small_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, query_start_ptr,
-                          seq_lens_ptr, num_seqs, window, stride_ot, stride_oh,
-                          GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          D_P2: tl.constexpr, SMALL_Q: tl.constexpr,
-                          SMALL_LIMIT: tl.constexpr, SMALL_SPLITS: tl.constexpr,
-                          MIN_TILES: tl.constexpr, BLOCK_N: tl.constexpr,
-                          USE_WINDOW: tl.constexpr):
-    """Program (s, kvh), s < share_seqs: merge the share partials of small seq s's rows of
-    kv head kvh (none when its keys took one share: its query tile wrote the output)."""
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    SMALL_M: tl.constexpr = SMALL_Q * GROUP_P2
-    if seq < num_seqs:
-        token_start = tl.load(query_start_ptr + seq)
-        q_len = tl.load(query_start_ptr + seq + 1) - token_start
-        # (distinct names: triton keeps one type per name in a scope, and ``_`` below
-        # would be a vector)
-        first_key, share_keys, used = _small_span(tl.load(seq_lens_ptr + seq), q_len, window,
-                                                  SMALL_SPLITS, MIN_TILES, BLOCK_N, USE_WINDOW)
-        if (q_len > 0) & (q_len <= SMALL_LIMIT) & (used > 1):
-            q_idx, tokens, heads, row_ok, tile_ok = _query_rows(
-                token_start, q_len, 0, kv_head, GROUP, GROUP_P2, HEAD_DIM, D_P2, SMALL_Q)
-            _merge_splits(out_ptr, tokens * stride_ot + heads * stride_oh, part_m_ptr,
-                          part_l_ptr, part_acc_ptr,
-                          (seq * tl.num_programs(1) + kv_head) * SMALL_SPLITS * SMALL_M
-                          + tl.arange(0, SMALL_M), SMALL_M, used, row_ok, tile_ok,
-                          tl.arange(0, D_P2), HEAD_DIM)
+                _attend_query_tile(
+                    out_ptr, q_ptr, k_ptr, v_ptr, table_row, seq_len, token_start, q_len,
+                    local, kv_head, window, qk_scale, softcap, stride_qt, stride_qh,
+                    stride_ot, stride_oh, stride_block, stride_slot, stride_head, GROUP,
+                    GROUP_P2, HEAD_DIM, D_P2, BLOCK_SIZE, BLOCK_Q, BLOCK_N, USE_WINDOW,
+                    USE_SOFTCAP, DOT_PRECISION, MASK_ALL_TILES)
 
 
 @dataclass(frozen=True)
@@ -571,10 +420,6 @@ class Tiles:
     small_rows: bool = True
     # varlen: a seq's last query tile, which sees the most keys, starts first
     heavy_first: bool = True
-    # varlen: the keys of each of the first SMALL_SHARE_SEQS small seqs in up to this
-    # many shares of at least small_share_keys keys (1: one program walks them all)
-    small_splits: int = 8
-    small_share_keys: int = 256
 
 
 def varlen_tiles(head_dim: int, group: int, element_size: int) -> Tiles:
@@ -705,38 +550,14 @@ def plan_launches(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         # 16 rows is the smallest tile tl.dot takes: 4 queries of a group of 4 heads
         small_q = max(1, 16 // group_p2)
         small_limit = small_q if tiles.small_rows and small_q < block_q else 0
-        # Shares of the first seqs' keys, when small (a mixed step's decode rows come
-        # first): share_seqs 0 turns them off; the kernel takes SMALL_SPLITS >= 2 anyway.
-        splits = max(2, tiles.small_splits)
-        sharing = small_limit > 0 and tiles.small_splits > 1
-        share_seqs = min(num_seqs, SMALL_SHARE_SEQS) if sharing else 0
-        rows = share_seqs * num_kv_heads * splits * small_q * group_p2
-        part_m = torch.empty(max(1, rows), dtype=torch.float32, device=query.device)
-        part_l = torch.empty_like(part_m)
-        part_acc = torch.empty(max(1, rows * head_dim), dtype=torch.float32,
-                               device=query.device)
-        partials = dict(part_m_ptr=part_m, part_l_ptr=part_l, part_acc_ptr=part_acc)
-        small = dict(GROUP_P2=group_p2, SMALL_Q=small_q, SMALL_LIMIT=small_limit,
-                     SMALL_SPLITS=splits, BLOCK_N=tiles.block_n,
-                     MIN_TILES=max(1, tiles.small_share_keys // tiles.block_n))
-        launches = [Launch(_varlen_kernel,
-                           (num_kv_heads, share_seqs * (splits - 1)
-                            + triton.cdiv(num_tokens, block_q) + num_seqs),
-                           dict(out_ptr=out, **partials, **inputs, share_seqs=share_seqs),
-                           dict(common, **small, BLOCK_Q=block_q,
-                                MASK_ALL_TILES=tiles.mask_all_tiles,
-                                HEAVY_FIRST=tiles.heavy_first),
-                           tiles.num_warps, tiles.num_stages)]
-        if share_seqs:
-            launches.append(Launch(
-                _combine_small_kernel, (share_seqs, num_kv_heads),
-                dict(out_ptr=out, **partials, query_start_ptr=query_start,
-                     seq_lens_ptr=seq_lens, num_seqs=num_seqs, window=window,
-                     stride_ot=out.stride(0), stride_oh=out.stride(1)),
-                dict(small, GROUP=group, HEAD_DIM=head_dim, D_P2=d_p2,
-                     USE_WINDOW=common["USE_WINDOW"]),
-                num_warps=4, num_stages=1))
-        return launches
+        return [Launch(_varlen_kernel, (num_kv_heads,
+                                        triton.cdiv(num_tokens, block_q) + num_seqs),
+                       dict(out_ptr=out, **inputs),
+                       dict(common, GROUP_P2=group_p2, BLOCK_Q=block_q,
+                            BLOCK_N=tiles.block_n, MASK_ALL_TILES=tiles.mask_all_tiles,
+                            SMALL_Q=small_q, SMALL_LIMIT=small_limit,
+                            HEAVY_FIRST=tiles.heavy_first),
+                       tiles.num_warps, tiles.num_stages)]
     tiles = decode_tiles(head_dim, query.element_size())
     if splits is None:
         splits = (decode_splits(num_seqs, num_kv_heads, max_blocks, block_size, tiles.block_n,
