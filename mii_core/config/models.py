@@ -178,9 +178,9 @@ class ModelConfig(_Strict):
     """Most sequences generated together; None: 256 with the paged cache, 64 otherwise. (mii extension)"""
     prefill_chunk_tokens: Optional[int] = Field(None, ge=16, le=65536)
     """Tokens one step feeds while other sequences decode, their own one token each
-    included; a longer prompt is fed in chunks across steps. Larger prefills long prompts
-    faster, smaller delays the decoding sequences' next token less. None: 4096. (paged
-    cache; mii extension)"""
+    included: the paged cache feeds a longer prompt in chunks across steps, the row caches
+    take whole prompts within it. Larger prefills long prompts faster, smaller delays the
+    decoding sequences' next token less. None: 4096. (mii extension)"""
 
     @field_validator("device_map", mode="before")
     @classmethod
