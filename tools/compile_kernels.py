@@ -48,7 +48,8 @@ def signature(launch: Launch):
 
 
 def launches(dtype, heads, kv_heads, dim, window, softcap):
-    """A mixed step's launches and a split decode step's (with new keys) for one shape."""
+    """A mixed step's launches (its decode rows' in shares) and a split decode step's (with
+    new keys) for one shape."""
     block, seqs = 16, 6
     query = torch.zeros(40, heads, dim, dtype=dtype)
     cache = torch.zeros(30, block, kv_heads, dim, dtype=dtype)
@@ -59,7 +60,7 @@ def launches(dtype, heads, kv_heads, dim, window, softcap):
                   torch.zeros(40, kv_heads, dim, dtype=dtype), torch.zeros(40, dtype=torch.long))
     common = (query, cache, cache, tables, lens, starts)
     return (plan_launches(*common, torch.zeros_like(query), dim ** -0.5, window, softcap,
-                          decode_only=False)
+                          decode_only=False, splits=4)
             + plan_launches(*common, torch.zeros_like(query), dim ** -0.5, window, softcap,
                             decode_only=True, splits=4, new=new))
 

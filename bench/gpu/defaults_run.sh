@@ -60,7 +60,7 @@ else
 fi
 export PYTHONPATH=/tmp/site:$REPO
 if [ "${SKIP_KERNELS:-0}" != 1 ]; then
-  timeout 120 python3 bench/gpu/kernel_check.py > "$OUT/kernels.log" 2>&1
+  timeout 240 python3 bench/gpu/kernel_check.py > "$OUT/kernels.log" 2>&1
   stamp "kernel check rc=$? $(grep -c '"ok": false' "$OUT/kernels.log") failing; $(grep time_decode "$OUT/kernels.log" | cut -c1-160 | tr '\n' ' ')"
 fi
 if [ "${SAMPLING_CHECK:-0}" = 1 ]; then
@@ -68,7 +68,7 @@ if [ "${SAMPLING_CHECK:-0}" = 1 ]; then
   stamp "sampling check rc=$? $(grep -c '"ok": false' "$OUT/sampling.log") failing"
 fi
 if [ "${VARLEN_TILES:-0}" = 1 ]; then
-  timeout 150 python3 bench/gpu/varlen_tiles.py > "$OUT/varlen_tiles.log" 2>&1
+  timeout 240 python3 bench/gpu/varlen_tiles.py > "$OUT/varlen_tiles.log" 2>&1
   stamp "varlen tiles rc=$? $(grep -c '"ok": false' "$OUT/varlen_tiles.log") failing"
 fi
 if [ "${IMPORT_TIMES:-0}" = 1 ]; then  # what a replica's start spends before loading

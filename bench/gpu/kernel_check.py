@@ -14,6 +14,7 @@ chunked argmax.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -26,10 +27,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mii_engines.runtime.kernels.paged_attention import (  # noqa: E402
     paged_attention, reference_paged_attention, write_and_attend)
 from mii_engines.runtime.kernels.triton_argmax import run_argmax  # noqa: E402
+from mii_engines.runtime.kernels import triton_paged  # noqa: E402
 from mii_engines.runtime.kernels.triton_paged import DECODE_SHARE_KEYS  # noqa: E402
 from mii_engines.runtime.kernels.triton_paged import run_paged_attention  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
+_DECODE_TILES = triton_paged.decode_tiles
 
 
 def log(**fields):
@@ -157,9 +160,12 @@ def graph_seconds(call, calls: int = 50) -> float:
 
 
 def time_decode(seqs, context, heads, kv_heads, dim, block=16, table=0,
-                share_keys=DECODE_SHARE_KEYS):
+                share_keys=DECODE_SHARE_KEYS, unmasked=True):
     """``table``: tokens the block tables hold (0: the context), which sets the split count
-    as in a served graph (the model's whole context)."""
+    as in a served graph (the model's whole context). ``unmasked`` False: every key tile
+    masked (the kernel before 2026-12-03 e), for A/B."""
+    chosen = triton_paged.decode_tiles(dim, 2)
+    triton_paged.decode_tiles = lambda *_a: dataclasses.replace(chosen, whole_unmasked=unmasked)
     max_blocks = -(-max(context, table) // block)
     args = list(inputs(0, True, heads, kv_heads, dim, torch.bfloat16, block, max_blocks, seqs))
     args[4] = torch.full((seqs,), context, dtype=torch.int32, device="cuda")
@@ -171,8 +177,10 @@ def time_decode(seqs, context, heads, kv_heads, dim, block=16, table=0,
     reference_paged_attention(*[a.float() if a.is_floating_point() else a for a in args], ref,
                               dim ** -0.5, 0, 0.0)
     error = float((out.float() - ref).norm() / ref.norm())
+    triton_paged.decode_tiles = _DECODE_TILES
     kv_bytes = 2 * seqs * context * kv_heads * dim * 2
     log(kind="time_decode", seqs=seqs, context=context, table=table, share_keys=share_keys,
+        unmasked=unmasked,
         heads=heads, kv_heads=kv_heads, dim=dim, us=round(seconds * 1e6, 2),
         kv_gb_s=round(kv_bytes / seconds / 1e9, 1), error=error, ok=error < 2e-2)
     return error < 2e-2
@@ -218,5 +226,8 @@ if __name__ == "__main__":
             good &= time_decode(seqs, context, 32, 8, 64, table=131072 if seqs == 1 else 8192,
                                 share_keys=share_keys)
         good &= time_decode(seqs, context, 32, 8, 128, table=32768 if seqs == 1 else 8192)
+    for unmasked in (True, False):  # the long case's decode tail (32 rows), one long row
+        good &= time_decode(32, 3900, 32, 8, 64, unmasked=unmasked)
+        good &= time_decode(1, 4096, 32, 8, 64, table=131072, unmasked=unmasked)
     log(kind="summary", all_ok=good)
     sys.exit(0 if good else 1)

@@ -9,18 +9,21 @@ prompts of 128 tokens + 64 new (greedy, ignore_eos) at 1 and 16 rows: in-process
 (``$OUT/profile_<variant>.txt``; ``PROFILE_ROWS`` rows instead of 16) and the kernel
 time by kind with the GPU's busy share of the run (``kernel_summary``). Variants:
 compiled (the defaults), eager (no torch.compile), nographs (no CUDA graphs, no
-compile). With ``LONG=1`` the timed and profiled runs are instead 32 distinct prompts of
+compile), and the defaults with earlier kernel tiles (``KERNEL_VARIANTS``: before_e). With ``LONG=1`` the timed and profiled runs are instead 32 distinct prompts of
 3,850 tokens + 128 new: issue 17's long-prompt case, where prefill dominates.
 ``DECODING_BUDGET``: the scheduler's tokens per step while rows decode (``prefill_chunk_tokens``).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import random
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -34,6 +37,9 @@ OUT = os.environ.get("OUT", "/tmp")
 MODEL = os.environ.get("MODEL_DIR", "/tmp/llama1b")
 VARIANTS = {"compiled": {}, "eager": {"torch_compile": False},
             "nographs": {"torch_compile": False, "cuda_graphs": False}}
+# The defaults with kernel tiles of before (``Tiles`` fields off), for A/B in one process:
+# before_e: every key tile masked, a mixed step's decode rows in the varlen launch.
+KERNEL_VARIANTS = {"before_e": {"whole_unmasked": False, "mixed_rows_apart": False}}
 DEVICE = os.environ.get("DEVICE", "cuda:0")  # DEVICE=cpu: a dry run on the tiny model
 RANK = RankInfo(replica=0, rank=0, world_size=1, local_rank=0, device=DEVICE, dist_port=0)
 
@@ -75,8 +81,10 @@ def generate(loop, count: int, new: int, length: int = 0, salt: int = 0) -> floa
 
     started = time.perf_counter()
     params = GenerateParamsConfig(max_new_tokens=new, do_sample=False, ignore_eos=True)
-    for text in texts:  # one request each, as concurrent clients send them
-        loop.submit([text], params, sink)
+    # one request each from threads of their own, as a server's threads submit concurrent
+    # clients' requests (tokenizing in one thread would serialize 32 long prompts)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda text: loop.submit([text], params, sink), texts))
     if not done.wait(300):
         raise RuntimeError("generation did not finish")
     return time.perf_counter() - started
@@ -105,15 +113,37 @@ def kernel_summary(prof) -> dict:
         ms[kind] += (event.time_range.end - event.time_range.start) / 1e3
         intervals.append((event.time_range.start, event.time_range.end))
     intervals.sort()
-    busy, end = 0.0, intervals[0][0]
+    first = intervals[0][0]
+    busy, end, gaps = 0.0, first, []
     for start, stop in intervals:
+        if start > end:
+            gaps.append((start - end, end - first))
         if stop > end:
             busy += stop - max(start, end)
             end = stop
-    span = intervals[-1][1] - intervals[0][0]
+    span = intervals[-1][1] - first
+    gaps.sort(reverse=True)
+    # where the GPU waited: idle in gaps over 100 us, and the largest (ms, at ms from start)
     return dict(kernel_ms={k: round(v, 1) for k, v in ms.items()},
                 gpu_busy_ms=round(busy / 1e3, 1), span_ms=round(span / 1e3, 1),
+                idle_in_gaps_over_100us_ms=round(sum(g for g, _ in gaps if g > 100) / 1e3, 1),
+                gaps_over_100us=sum(g > 100 for g, _ in gaps),
+                largest_gaps_ms=[[round(g / 1e3, 2), round(at / 1e3, 1)] for g, at in gaps[:8]],
                 kernels=len(kernels))
+
+
+@contextlib.contextmanager
+def kernel_tiles(**fields):
+    """Both tile choices of the paged kernels with ``fields`` replaced."""
+    from mii_engines.runtime.kernels import triton_paged
+
+    varlen, decode = triton_paged.varlen_tiles, triton_paged.decode_tiles
+    triton_paged.varlen_tiles = lambda *a: dataclasses.replace(varlen(*a), **fields)
+    triton_paged.decode_tiles = lambda *a: dataclasses.replace(decode(*a), **fields)
+    try:
+        yield
+    finally:
+        triton_paged.varlen_tiles, triton_paged.decode_tiles = varlen, decode
 
 
 def probe(name: str, settings: dict) -> None:
@@ -162,7 +192,11 @@ def probe(name: str, settings: dict) -> None:
 if __name__ == "__main__":
     for variant in sys.argv[1:] or list(VARIANTS):
         try:
-            probe(variant, VARIANTS[variant])
+            if variant in KERNEL_VARIANTS:
+                with kernel_tiles(**KERNEL_VARIANTS[variant]):
+                    probe(variant, {})
+            else:
+                probe(variant, VARIANTS[variant])
         except Exception as error:  # the next variant still runs
             import traceback
 

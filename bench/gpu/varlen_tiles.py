@@ -6,13 +6,16 @@ against the torch reference, then timed on the prefill shapes of issue 17's long
 The 1.5B Llama's heads (32 query, 8 kv, head_dim 64), bf16, 16-token blocks. Shapes: a
 2,048-token chunk at context 0 and at context 1,802 (the second chunk of a 3,850-token
 prompt, as the scheduler feeds it while others decode), and two whole 3,850-token
-prompts in one step (the idle budget); two mixed steps, a chunk after 16 or 32 decode
-rows at 3,900 keys (the long case once prompts have joined), and those rows alone.
+prompts in one step (the idle budget); mixed steps, a chunk after 16, 32 or 64 decode
+rows at 3,900 keys (the long case once prompts have joined), and 32 rows alone; a
+4,096-token chunk alone and beside 32 rows in a table of 256 seqs, as a served step's
+graph has (the rest empty).
 Time: a CUDA graph of 20 launches, median of 5; TFLOP/s counts the causal attention's
 4 * head_dim * heads multiply-adds per visible (query, key) pair.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -21,24 +24,30 @@ import torch
 
 from mii_engines.runtime.kernels import triton_paged
 from mii_engines.runtime.kernels.paged_attention import reference_paged_attention
-from mii_engines.runtime.kernels.triton_paged import Tiles, run_paged_attention
+from mii_engines.runtime.kernels.triton_paged import run_paged_attention
 from kernel_check import replay_seconds  # this folder: run as a script
 
 OUT = os.environ.get("OUT", "/tmp")
 HEADS, KV_HEADS, DIM, BLOCK = 32, 8, 64, 16
-# (block_m, block_n, warps, stages, mask every tile, small rows, heavy first): today's
-# default tiles first, then with three stages, without each 2026-12-03 change (the small
-# tile for a seq of a few queries; a seq's last query tile first), and a runner-up
-CANDIDATES = [(128, 64, 8, 2, False, True, True), (128, 64, 8, 3, False, True, True),
-              (128, 64, 8, 3, False, True, False), (128, 64, 8, 2, False, True, False),
-              (128, 64, 8, 2, False, False, True), (64, 64, 4, 2, False, True, True)]
-DECODE_ROWS = [(1, 3900)] * 32  # the decode rows beside a chunk, at the long case's context
+# (name, Tiles fields replaced in today's default, MIXED_SPLITS or None): the default
+# first, then a mixed step's decode rows on a side stream, in 2 or 8 shares, and without
+# each change of 2026-12-03 e (whole key tiles unmasked, the decode rows apart)
+CANDIDATES = [("default", {}, None), ("alongside", {"rows_alongside": True}, None),
+              ("splits2", {}, 2), ("splits8", {}, 8),
+              ("alongside_splits2", {"rows_alongside": True}, 2),
+              ("apart_off", {"mixed_rows_apart": False}, None),
+              ("before_e", {"whole_unmasked": False, "mixed_rows_apart": False}, None)]
+DECODE_ROWS = [(1, 3900)] * 64  # the decode rows beside a chunk, at the long case's context
+EMPTY = [(0, 0)] * 255  # a served mixed step's graph has room for 256 seqs
 SHAPES = {"chunk2048_ctx0": [(2048, 0)], "chunk2048_ctx1802": [(2048, 1802)],
           "two_prompts_3850": [(3850, 0), (3850, 0)],
+          "chunk4096_ctx0_256seqs": [(4096, 0)] + EMPTY,
           # decode rows first, as a mixed step packs them (kv/paged.py)
           "mixed_ctx0_16rows": DECODE_ROWS[:16] + [(2032, 0)],
-          "mixed_ctx1802_32rows": DECODE_ROWS + [(2016, 1802)],
-          "decode_rows_32": DECODE_ROWS}
+          "mixed_ctx1802_32rows": DECODE_ROWS[:32] + [(2016, 1802)],
+          "mixed4096_ctx1802_32rows_256seqs": DECODE_ROWS[:32] + [(4064, 1802)] + EMPTY[32:],
+          "mixed_ctx1802_64rows": DECODE_ROWS + [(1984, 1802)],
+          "decode_rows_32": DECODE_ROWS[:32]}
 
 
 def log(**fields):
@@ -79,12 +88,12 @@ def pairs(seqs):
 
 
 def main():
-    for candidate in CANDIDATES:
-        block_m, block_n, warps, stages, mask_all, small, heavy = candidate
-        tiles = Tiles(block_m, block_n, warps, stages, mask_all, small, heavy)
+    default = triton_paged.varlen_tiles(DIM, HEADS // KV_HEADS, 2)
+    default_splits = triton_paged.MIXED_SPLITS
+    for name, fields, splits in CANDIDATES:
+        tiles = dataclasses.replace(default, **fields)
         triton_paged.varlen_tiles = lambda *_a, _t=tiles: _t
-        name = (f"m{block_m}_n{block_n}_w{warps}_s{stages}" + ("_maskall" if mask_all else "")
-                + ("_small" if small else "") + ("_heavyfirst" if heavy else ""))
+        triton_paged.MIXED_SPLITS = splits or default_splits
         try:
             args = inputs([(300, 0), (65, 2049), (1, 900), (130, 37), (3, 40), (5, 7)], seed=1)
             out = torch.full_like(args[0], float("nan"))

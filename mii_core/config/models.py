@@ -180,7 +180,7 @@ class ModelConfig(_Strict):
     """Tokens one step feeds while other sequences decode, their own one token each
     included: the paged cache feeds a longer prompt in chunks across steps, the row caches
     take whole prompts within it. Larger prefills long prompts faster, smaller delays the
-    decoding sequences' next token less. None: 4096. (mii extension)"""
+    decoding sequences' next token less. None: 8192. (mii extension)"""
 
     @field_validator("device_map", mode="before")
     @classmethod

@@ -44,7 +44,8 @@ def _case(seed, decode_only, heads, kv_heads, dim, block, max_blocks=6):
             torch.tensor(starts, dtype=torch.int32))
 
 
-@pytest.mark.parametrize("decode_only,splits", [(True, None), (True, 3), (False, None)])
+@pytest.mark.parametrize("decode_only,splits", [(True, None), (True, 3), (False, None),
+                                                (False, 3)])
 @pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (0, 4.0), (7, 4.0)])
 @pytest.mark.parametrize("heads,kv_heads,dim,block", [(4, 2, 16, 4), (6, 6, 8, 8),
                                                       (8, 1, 24, 4)])
@@ -60,21 +61,26 @@ def test_kernels_match_the_reference(decode_only, splits, window, softcap, heads
         assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("small_rows,heavy_first", [(True, True), (False, True),
-                                                    (True, False), (False, False)])
+@pytest.mark.parametrize("small_rows,heavy_first,apart,unmasked", [
+    (True, True, True, True), (False, True, True, True), (True, False, True, True),
+    (False, False, False, True), (True, True, False, False), (True, True, True, False)])
 @pytest.mark.parametrize("heads,kv_heads,window", [(4, 1, 0), (4, 2, 0), (6, 6, 0),
                                                    (4, 2, 9)])
 def test_varlen_short_runs_on_the_small_tile_and_long_ones_on_the_wide(
-        monkeypatch, small_rows, heavy_first, heads, kv_heads, window):
+        monkeypatch, small_rows, heavy_first, apart, unmasked, heads, kv_heads, window):
     """A mixed step whose seqs have 1, SMALL_Q, SMALL_Q + 1 and several tiles' worth of
     queries (fp32 tiles: 64 rows; the small tile 16): the ones up to SMALL_Q take the
-    16-row tile, the others the wide one, in either program order; every output matches
-    the reference, padding tokens included."""
+    16-row tile, the others the wide one, in either program order, the seqs of one query
+    in a decode launch of their own (``apart``; the last one past MIXED_APART_SEQS, as 2
+    here, stays in the varlen launch), whole key tiles unmasked or not; every output
+    matches the reference, padding tokens included."""
     paged = importlib.import_module("mii_engines.runtime.kernels.triton_paged")
     chosen = paged.varlen_tiles(16, heads // kv_heads, 4)
     monkeypatch.setattr(paged, "varlen_tiles", lambda *_: paged.Tiles(
         chosen.block_m, chosen.block_n, chosen.num_warps, chosen.num_stages,
-        small_rows=small_rows, heavy_first=heavy_first))
+        small_rows=small_rows, heavy_first=heavy_first, mixed_rows_apart=apart,
+        whole_unmasked=unmasked))
+    monkeypatch.setattr(paged, "MIXED_APART_SEQS", 2)
     group_p2 = triton.next_power_of_2(heads // kv_heads)
     small_q, block_q = max(1, 16 // group_p2), chosen.block_m // group_p2
     assert small_q < block_q  # both tiles are used
@@ -99,7 +105,7 @@ def test_varlen_short_runs_on_the_small_tile_and_long_ones_on_the_wide(
     expected = torch.full_like(query, float("nan"))
     got = torch.full_like(query, float("nan"))
     reference_paged_attention(*args, expected, dim ** -0.5, window, 0.0)
-    run_paged_attention(*args, got, dim ** -0.5, window, 0.0, False)
+    run_paged_attention(*args, got, dim ** -0.5, window, 0.0, False, splits=3, share_keys=16)
     assert not torch.isnan(got).any()
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
 
@@ -160,6 +166,51 @@ def test_decode_kernel_writes_the_new_keys_then_attends(splits, share_keys, wind
                             share_keys=share_keys)
         assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
         assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_a_mixed_steps_decode_launch_takes_its_first_single_query_seqs_only(monkeypatch,
+                                                                           splits):
+    """Run alone, the decode launches of a mixed step write exactly the seqs of one query
+    among its first MIXED_APART_SEQS (here 3), and those right; the varlen launch alone
+    writes every other token (chunks, a single query past the first 3, padding) and none
+    of those: each launch owns its rows, neither relies on the other overwriting it."""
+    paged = importlib.import_module("mii_engines.runtime.kernels.triton_paged")
+    monkeypatch.setattr(paged, "MIXED_APART_SEQS", 3)
+    heads, kv_heads, dim, block = 4, 2, 16, 4
+    gen = torch.Generator().manual_seed(splits)
+    q_lens, contexts = [1, 6, 1, 1, 0, 3], [70, 9, 33, 5, 0, 0]
+    blocks = [max(1, -(-(q + c) // block)) for q, c in zip(q_lens, contexts)]
+    keys = torch.randn(sum(blocks) + 1, block, kv_heads, dim, generator=gen)
+    values = torch.randn(sum(blocks) + 1, block, kv_heads, dim, generator=gen)
+    tables = torch.zeros(len(q_lens), max(blocks), dtype=torch.int32)
+    taken = 1
+    for seq, count in enumerate(blocks):
+        tables[seq, :count] = torch.arange(taken, taken + count, dtype=torch.int32)
+        taken += count
+    starts = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
+    lens = torch.tensor([q + c for q, c in zip(q_lens, contexts)], dtype=torch.int32)
+    query = torch.randn(int(starts[-1]) + 2, heads, dim, generator=gen)  # 2 padding tokens
+    args = (query, keys, values, tables, lens, starts)
+    expected = torch.full_like(query, float("nan"))
+    reference_paged_attention(*args, expected, dim ** -0.5, 0, 0.0)
+    expected[int(starts[-1]):] = 0.0
+    launches = paged.plan_launches(*args, torch.empty_like(query), dim ** -0.5, 0, 0.0, False,
+                                   splits, share_keys=16)
+    assert [launch.kernel for launch in launches] == (
+        [paged._decode_kernel] + [paged._combine_kernel] * (splits > 1) + [paged._varlen_kernel])
+    apart_tokens = [int(starts[s]) for s in (0, 2)]  # seq 3 is the 4th: not apart
+    for part in (launches[:-1], launches[-1:]):
+        out = torch.full_like(query, float("nan"))
+        for launch in part:
+            launch.args["out_ptr"] = out
+            launch.run()
+        written = [t for t in range(query.shape[0]) if not torch.isnan(out[t]).any()]
+        if part[-1].kernel is paged._varlen_kernel:
+            assert written == [t for t in range(query.shape[0]) if t not in apart_tokens]
+        else:
+            assert written == apart_tokens
+        assert torch.allclose(out[written], expected[written], atol=1e-5, rtol=1e-4)
 
 
 def test_decode_splits_fill_the_gpu_only_when_the_batch_does_not():

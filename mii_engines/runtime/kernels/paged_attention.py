@@ -123,8 +123,8 @@ def check_arguments(query: Tensor, key_cache: Tensor, value_cache: Tensor,
     # profiling step) have checked the same values already.
     if torch.compiler.is_compiling():
         return
-    if not math.isfinite(scale):
-        fail("scale", f"must be finite, got {scale}")
+    if not (scale > 0.0 and math.isfinite(scale)):  # the kernels scale the max, not each score
+        fail("scale", f"must be finite and > 0, got {scale}")
     if not (softcap >= 0.0 and math.isfinite(softcap)):
         fail("softcap", f"must be finite and >= 0 (0: no softcap), got {softcap}")
 

@@ -18,7 +18,10 @@ the block table, online softmax in fp32, base-2 exponentials):
   program finds its (seq, query tile) by binary search over ``query_start`` and takes
   BLOCK_Q queries x the group's heads as its M rows; a seq of a few queries (a decode row
   beside a prefill chunk) takes a 16-row tile instead. A seq's tiles run from its last
-  (the most keys) to its first.
+  (the most keys) to its first. A mixed step's decode rows (its first seqs of one query)
+  are not the varlen kernel's: a decode-kernel launch of their own attends them first.
+
+Within a range of keys only the partial last tile and the causal diagonal are masked.
 
 Every grid depends on shapes only and nothing here reads a tensor on the host, so a call
 can be captured in a CUDA graph. Importing this module needs triton, not a GPU: the tests
@@ -26,6 +29,7 @@ run the kernels in triton's interpreter on CPU tensors.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -47,6 +51,12 @@ MAX_START = tl.constexpr(-1.0e30)
 # 14.9, 512 keys 7.2 / 12.6 / 15.6; 16 shares of >= 64 keys is the best of each column.
 MAX_DECODE_SPLITS = 16
 DECODE_SHARE_KEYS = 64
+# A mixed step's decode rows (its seqs of one query, packed first) run in a decode-kernel
+# launch of their own: the first MIXED_APART_SEQS seqs at most (a shape-only grid), each in
+# up to MIXED_SPLITS shares of its keys. The varlen kernel's 8 warps took 116 us a layer
+# for 32 rows of 3,900 keys on an H200, the decode kernel's 4 warps 61 us in a decode step.
+MIXED_APART_SEQS = 64
+MIXED_SPLITS = 4
 
 
 @triton.jit
@@ -56,45 +66,102 @@ def _softcapped(scores, softcap):
 
 
 @triton.jit
-def _attend_keys(q, m_i, l_i, acc, k_ptr, v_ptr, table_row_ptr, kv_head, key_start, key_end,
-                 q_pos, window, qk_scale, softcap,
-                 stride_block, stride_slot, stride_head,
-                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 D_P2: tl.constexpr, PER_ROW_MASK: tl.constexpr, USE_WINDOW: tl.constexpr,
-                 USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online softmax of the rows ``q`` over key positions [key_start, key_end).
+def _key_tile(q, m_i, l_i, acc, k_ptr, v_ptr, table_row_ptr, kv_head, tile_start, key_end,
+              q_pos, window, qk_scale, softcap, stride_block, stride_slot, stride_head,
+              BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+              D_P2: tl.constexpr, MASKED: tl.constexpr, PER_ROW_MASK: tl.constexpr,
+              USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """One tile of BLOCK_N keys from ``tile_start`` folded into the online softmax.
 
-    ``m_i``/``l_i``/``acc`` are the running max (base 2), sum and output of each row.
-    With PER_ROW_MASK, row r sees position p only if p <= q_pos[r] (and p > q_pos[r] -
-    window); otherwise every row sees the whole range (decode: the range is already the
-    window ending at the query). Block-table entries past key_end are never read.
+    MASKED: positions at or past ``key_end`` are not read and score -inf (the last tile of
+    a range), and with PER_ROW_MASK row r sees position p only if p <= q_pos[r] (and
+    p > q_pos[r] - window). A tile wholly inside the range loads and scores without
+    masks, and without softcap the scale is applied inside the exponent's multiply-add:
+    a head_dim of 64 gives a tile as much softmax work per element as matrix work, so
+    each per-element instruction shows in the kernel's time.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_P2)
-    d_ok = offs_d < HEAD_DIM
-    for tile_start in range(key_start, key_end, BLOCK_N):
-        pos = tile_start + offs_n
+    pos = tile_start + offs_n
+    if MASKED:
         key_ok = pos < key_end
         block = tl.load(table_row_ptr + pos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-        row_off = block * stride_block + (pos % BLOCK_SIZE) * stride_slot + kv_head * stride_head
-        tile_ok = key_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + row_off[:, None] + offs_d[None, :], mask=tile_ok, other=0.0)
-        v = tl.load(v_ptr + row_off[:, None] + offs_d[None, :], mask=tile_ok, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if USE_SOFTCAP:
-            scores = _softcapped(scores, softcap) * LOG2E_C
+    else:
+        block = tl.load(table_row_ptr + pos // BLOCK_SIZE).to(tl.int64)
+    row_off = block * stride_block + (pos % BLOCK_SIZE) * stride_slot + kv_head * stride_head
+    tile_ptrs = row_off[:, None] + offs_d[None, :]
+    if MASKED:
+        tile_ok = key_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        k = tl.load(k_ptr + tile_ptrs, mask=tile_ok, other=0.0)
+        v = tl.load(v_ptr + tile_ptrs, mask=tile_ok, other=0.0)
+    elif D_P2 != HEAD_DIM:
+        d_ok = (offs_d < HEAD_DIM)[None, :]
+        k = tl.load(k_ptr + tile_ptrs, mask=d_ok, other=0.0)
+        v = tl.load(v_ptr + tile_ptrs, mask=d_ok, other=0.0)
+    else:
+        k = tl.load(k_ptr + tile_ptrs)
+        v = tl.load(v_ptr + tile_ptrs)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if USE_SOFTCAP:  # base 2 after the tanh: the scores leave here scaled
+        scores = _softcapped(scores * qk_scale, softcap) * LOG2E_C
+    if MASKED:
         visible = key_ok[None, :]
         if PER_ROW_MASK:
             visible = visible & (pos[None, :] <= q_pos[:, None])
             if USE_WINDOW:
                 visible = visible & (pos[None, :] > q_pos[:, None] - window)
         scores = tl.where(visible, scores, float("-inf"))
+    if USE_SOFTCAP:
         m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    else:  # qk_scale > 0 (checked): the max of the scaled scores is the scaled max
+        m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
+        p = tl.exp2(scores * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attend_keys(q, m_i, l_i, acc, k_ptr, v_ptr, table_row_ptr, kv_head, key_start, key_end,
+                 q_pos, window, qk_scale, softcap,
+                 stride_block, stride_slot, stride_head,
+                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 D_P2: tl.constexpr, PER_ROW_MASK: tl.constexpr, USE_WINDOW: tl.constexpr,
+                 USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 WHOLE_UNMASKED: tl.constexpr):
+    """Online softmax of the rows ``q`` over key positions [key_start, key_end).
+
+    ``m_i``/``l_i``/``acc`` are the running max (base 2), sum and output of each row.
+    With PER_ROW_MASK, row r sees position p only if p <= q_pos[r] (and p > q_pos[r] -
+    window); otherwise every row sees the whole range (decode: the range is already the
+    window ending at the query), and with WHOLE_UNMASKED the range's whole tiles run
+    without masks, its last partial one masked (off: every tile masked, the kernel
+    before 2026-12-03, for A/B timing). Block-table entries past key_end are never read.
+    """
+    if PER_ROW_MASK or not WHOLE_UNMASKED:
+        for tile_start in range(key_start, key_end, BLOCK_N):
+            m_i, l_i, acc = _key_tile(
+                q, m_i, l_i, acc, k_ptr, v_ptr, table_row_ptr, kv_head, tile_start, key_end,
+                q_pos, window, qk_scale, softcap, stride_block, stride_slot, stride_head,
+                BLOCK_SIZE, BLOCK_N, HEAD_DIM, D_P2, True, PER_ROW_MASK, USE_WINDOW,
+                USE_SOFTCAP, DOT_PRECISION)
+    else:
+        whole_end = key_start + tl.maximum(key_end - key_start, 0) // BLOCK_N * BLOCK_N
+        for tile_start in range(key_start, whole_end, BLOCK_N):
+            m_i, l_i, acc = _key_tile(
+                q, m_i, l_i, acc, k_ptr, v_ptr, table_row_ptr, kv_head, tile_start, key_end,
+                q_pos, window, qk_scale, softcap, stride_block, stride_slot, stride_head,
+                BLOCK_SIZE, BLOCK_N, HEAD_DIM, D_P2, False, False, USE_WINDOW, USE_SOFTCAP,
+                DOT_PRECISION)
+        for tile_start in range(whole_end, key_end, BLOCK_N):  # the partial tile, if any
+            m_i, l_i, acc = _key_tile(
+                q, m_i, l_i, acc, k_ptr, v_ptr, table_row_ptr, kv_head, tile_start, key_end,
+                q_pos, window, qk_scale, softcap, stride_block, stride_slot, stride_head,
+                BLOCK_SIZE, BLOCK_N, HEAD_DIM, D_P2, True, False, USE_WINDOW, USE_SOFTCAP,
+                DOT_PRECISION)
     return m_i, l_i, acc
 
 
@@ -167,10 +234,15 @@ def _decode_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
                    D_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                    SPLITS: tl.constexpr, MIN_TILES: tl.constexpr, WRITE_NEW: tl.constexpr,
                    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, WHOLE_UNMASKED: tl.constexpr,
+                   MIXED: tl.constexpr):
     """Program (i, kvh, split): seq i's share ``split`` of its keys (``_key_shares``;
     a share beyond those the context needs does nothing); and, in split 0, the zeros of
     padding token i (i >= query_start[S]).
+
+    MIXED (a mixed step's decode rows, ``mixed_rows_apart``): only seqs of exactly one
+    query are attended, and nothing else is written: the varlen launch of the same step
+    takes the others and the padding.
 
     WRITE_NEW: ``new_k``/``new_v`` [T, KVH, D] hold the step's keys/values, to be stored
     at ``slots[token]`` first. Only the share holding the newest position (seq_len - 1)
@@ -185,7 +257,7 @@ def _decode_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     heads = kv_head * GROUP + offs_g
     rows_ok = (offs_g < GROUP)[:, None] & (offs_d < HEAD_DIM)[None, :]
 
-    if split == 0:
+    if (split == 0) & (not MIXED):
         real_tokens = tl.load(query_start_ptr + num_seqs)
         if (i >= real_tokens) & (i < num_tokens):
             zeros = tl.zeros([GROUP_PAD, D_P2], dtype=out_ptr.dtype.element_ty)
@@ -198,7 +270,11 @@ def _decode_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
         seq_len = tl.load(seq_lens_ptr + i)
         first_key, share_keys, used = _key_shares(seq_len, window, SPLITS, MIN_TILES, BLOCK_N,
                                                   USE_WINDOW)
-        if (q_len > 0) & (split < used):
+        if MIXED:
+            attended = q_len == 1
+        else:
+            attended = q_len > 0
+        if attended & (split < used):
             key_start = first_key + split * share_keys
             key_end = tl.minimum(key_start + share_keys, seq_len)
             if WRITE_NEW:
@@ -219,7 +295,7 @@ def _decode_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
                 key_start, key_end, offs_g, window, qk_scale, softcap,
                 stride_block, stride_slot, stride_head,
                 BLOCK_SIZE, BLOCK_N, HEAD_DIM, D_P2, False, USE_WINDOW, USE_SOFTCAP,
-                DOT_PRECISION)
+                DOT_PRECISION, WHOLE_UNMASKED)
             if used == 1:
                 result = acc / l_i[:, None]
                 tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh
@@ -240,16 +316,21 @@ def _combine_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, query_start_p
                     seq_lens_ptr, window, num_heads, stride_ot, stride_oh,
                     GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
                     D_P2: tl.constexpr, SPLITS: tl.constexpr, MIN_TILES: tl.constexpr,
-                    BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr):
+                    BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, MIXED: tl.constexpr):
     """Program (s, kvh): merge seq s's split partials of kv head kvh's query heads (none
-    when its keys took one share: the decode kernel wrote that output)."""
+    when its keys took one share: the decode kernel wrote that output; MIXED: only seqs
+    of one query, as the decode kernel's)."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     token = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - token
     _, _, used = _key_shares(tl.load(seq_lens_ptr + seq), window, SPLITS, MIN_TILES, BLOCK_N,
                              USE_WINDOW)
-    if (q_len > 0) & (used > 1):
+    if MIXED:
+        merged = q_len == 1
+    else:
+        merged = q_len > 0
+    if merged & (used > 1):
         offs_g = tl.arange(0, GROUP_P2)
         offs_d = tl.arange(0, D_P2)
         g_ok = offs_g < GROUP
@@ -285,7 +366,7 @@ def _attend_query_tile(out_ptr, q_ptr, k_ptr, v_ptr, table_row, seq_len, token_s
                        D_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
                        BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr,
                        USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       MASK_ALL_TILES: tl.constexpr):
+                       MASK_ALL_TILES: tl.constexpr, WHOLE_UNMASKED: tl.constexpr):
     """Queries [local * BLOCK_Q, (local + 1) * BLOCK_Q) of one seq x kv head ``kv_head``'s
     query heads (BLOCK_Q * GROUP_P2 rows), attended over the seq's keys and stored."""
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P2
@@ -312,21 +393,23 @@ def _attend_query_tile(out_ptr, q_ptr, k_ptr, v_ptr, table_row, seq_len, token_s
             q, m_i, l_i, acc, k_ptr, v_ptr, table_row, kv_head,
             key_start, diagonal, q_pos, window, qk_scale, softcap,
             stride_block, stride_slot, stride_head,
-            BLOCK_SIZE, BLOCK_N, HEAD_DIM, D_P2, False, False, USE_SOFTCAP, DOT_PRECISION)
+            BLOCK_SIZE, BLOCK_N, HEAD_DIM, D_P2, False, False, USE_SOFTCAP, DOT_PRECISION,
+            WHOLE_UNMASKED)
     m_i, l_i, acc = _attend_keys(
         q, m_i, l_i, acc, k_ptr, v_ptr, table_row, kv_head,
         diagonal, key_end, q_pos, window, qk_scale, softcap,
         stride_block, stride_slot, stride_head,
-        BLOCK_SIZE, BLOCK_N, HEAD_DIM, D_P2, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION)
+        BLOCK_SIZE, BLOCK_N, HEAD_DIM, D_P2, True, USE_WINDOW, USE_SOFTCAP, DOT_PRECISION,
+        WHOLE_UNMASKED)
     # Rows past q_len saw nothing (l_i = 0): they are masked out of the store.
     result = acc / tl.where(row_ok, l_i, 1.0)[:, None]
     tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
              + offs_d[None, :], result.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
-@triton.jit(do_not_specialize=["num_seqs", "num_tokens", "window"])
+@triton.jit(do_not_specialize=["num_seqs", "num_tokens", "window", "apart"])
 def _varlen_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, query_start_ptr,
-                   num_seqs, num_tokens, window, qk_scale, softcap,
+                   num_seqs, num_tokens, window, apart, qk_scale, softcap,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_table,
                    stride_block, stride_slot, stride_head,
                    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -334,7 +417,7 @@ def _varlen_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, query
                    BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, MASK_ALL_TILES: tl.constexpr,
                    SMALL_Q: tl.constexpr, SMALL_LIMIT: tl.constexpr,
-                   HEAVY_FIRST: tl.constexpr):
+                   HEAVY_FIRST: tl.constexpr, WHOLE_UNMASKED: tl.constexpr):
     """Program (kvh, tile): BLOCK_Q queries of one seq x kv head kvh's query heads.
 
     Seq s owns tiles [query_start[s] // BLOCK_Q + s, ...): that start grows by at least
@@ -350,6 +433,8 @@ def _varlen_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, query
     first, so the longest programs are not the ones left running alone at the end of the
     launch. Seqs keep query order, in which a mixed step's decode rows come first: each
     walks its whole context in one program, the longest of all.
+    A seq of one query among the first ``apart`` is left to the decode kernel's launch
+    of the same step (``mixed_rows_apart``).
     """
     # kv heads vary fastest in launch order: every head of a tile is dispatched before the
     # next tile, so the order over tiles holds for the whole launch, not for each head's
@@ -385,7 +470,7 @@ def _varlen_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, query
             tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
                      + offs_d[None, :],
                      tl.zeros([BLOCK_M, D_P2], dtype=out_ptr.dtype.element_ty), mask=tile_ok)
-        else:
+        elif (seq >= apart) | (q_len != 1):
             seq_len = tl.load(seq_lens_ptr + seq)
             table_row = tables_ptr + seq * stride_table
             if q_len <= SMALL_LIMIT:  # never with the small tile off (limit 0)
@@ -394,14 +479,14 @@ def _varlen_kernel(out_ptr, q_ptr, k_ptr, v_ptr, tables_ptr, seq_lens_ptr, query
                     kv_head, window, qk_scale, softcap, stride_qt, stride_qh, stride_ot,
                     stride_oh, stride_block, stride_slot, stride_head, GROUP, GROUP_P2,
                     HEAD_DIM, D_P2, BLOCK_SIZE, SMALL_Q, BLOCK_N, USE_WINDOW, USE_SOFTCAP,
-                    DOT_PRECISION, MASK_ALL_TILES)
+                    DOT_PRECISION, MASK_ALL_TILES, WHOLE_UNMASKED)
             else:
                 _attend_query_tile(
                     out_ptr, q_ptr, k_ptr, v_ptr, table_row, seq_len, token_start, q_len,
                     local, kv_head, window, qk_scale, softcap, stride_qt, stride_qh,
                     stride_ot, stride_oh, stride_block, stride_slot, stride_head, GROUP,
                     GROUP_P2, HEAD_DIM, D_P2, BLOCK_SIZE, BLOCK_Q, BLOCK_N, USE_WINDOW,
-                    USE_SOFTCAP, DOT_PRECISION, MASK_ALL_TILES)
+                    USE_SOFTCAP, DOT_PRECISION, MASK_ALL_TILES, WHOLE_UNMASKED)
 
 
 @dataclass(frozen=True)
@@ -420,6 +505,18 @@ class Tiles:
     small_rows: bool = True
     # varlen: a seq's last query tile, which sees the most keys, starts first
     heavy_first: bool = True
+    # both: a range's whole key tiles load and score without masks (only its partial
+    # last tile and the diagonal are masked); off for A/B timing (before 2026-12-03 e)
+    whole_unmasked: bool = True
+    # varlen: a mixed step's first MIXED_APART_SEQS seqs of one query (its decode rows)
+    # run in a decode-kernel launch of their own (4 warps, their keys in shares); off for
+    # A/B timing (before 2026-12-03 e: every seq in the varlen launch)
+    mixed_rows_apart: bool = True
+    # varlen: those decode rows' launches on a second stream, alongside the varlen launch
+    # (a fork and join inside the step's graph): memory-bound rows beside a compute-bound
+    # chunk. H200, 32 rows of 3,900 keys beside a 4,064-token chunk: 455 -> 434 us a
+    # layer (16 rows: 107 -> 96); off for A/B timing
+    rows_alongside: bool = True
 
 
 def varlen_tiles(head_dim: int, group: int, element_size: int) -> Tiles:
@@ -487,6 +584,7 @@ class Launch:
     constants: Dict[str, Any]  # the constexpr arguments, by name
     num_warps: int
     num_stages: int
+    alongside: bool = False  # on the side stream, beside the launches that are not
 
     def run(self) -> None:
         """Launch it."""
@@ -513,8 +611,9 @@ def plan_launches(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     """The launches that write paged attention into ``out`` (arguments as
     ``paged_attention``'s, already checked), with the split-KV scratch they need allocated.
 
-    ``splits`` forces the decode kernel's number of key shares (tests, benchmarks); by
-    default it comes from ``decode_splits`` (1 for tensors that are not on a GPU).
+    ``splits`` forces the decode kernel's number of key shares (tests, benchmarks), in a
+    mixed step that of its decode rows' launch; by default it comes from ``decode_splits``
+    in a decode step, MIXED_SPLITS in a mixed one (1 for tensors that are not on a GPU).
     ``new`` (decode only): the step's keys/values, which the decode kernel writes into the
     pool itself; otherwise they must be in the pool already. ``share_keys``: the fewest
     keys a decode share takes (benchmarks vary it).
@@ -543,52 +642,80 @@ def plan_launches(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         stride_oh=out.stride(1), stride_table=block_tables.stride(0),
         stride_block=key_cache.stride(0), stride_slot=key_cache.stride(1),
         stride_head=key_cache.stride(2))
-    if not decode_only:
-        tiles = varlen_tiles(head_dim, group, query.element_size())
-        group_p2 = _pow2(group)
-        block_q = tiles.block_m // group_p2
-        # 16 rows is the smallest tile tl.dot takes: 4 queries of a group of 4 heads
-        small_q = max(1, 16 // group_p2)
-        small_limit = small_q if tiles.small_rows and small_q < block_q else 0
-        return [Launch(_varlen_kernel, (num_kv_heads,
-                                        triton.cdiv(num_tokens, block_q) + num_seqs),
-                       dict(out_ptr=out, **inputs),
-                       dict(common, GROUP_P2=group_p2, BLOCK_Q=block_q,
-                            BLOCK_N=tiles.block_n, MASK_ALL_TILES=tiles.mask_all_tiles,
-                            SMALL_Q=small_q, SMALL_LIMIT=small_limit,
-                            HEAVY_FIRST=tiles.heavy_first),
-                       tiles.num_warps, tiles.num_stages)]
-    tiles = decode_tiles(head_dim, query.element_size())
-    if splits is None:
-        splits = (decode_splits(num_seqs, num_kv_heads, max_blocks, block_size, tiles.block_n,
-                                _multiprocessors(query.device.index or 0))
-                  if query.is_cuda else 1)
+    if decode_only:
+        tiles = decode_tiles(head_dim, query.element_size())
+        if splits is None:
+            splits = (decode_splits(num_seqs, num_kv_heads, max_blocks, block_size,
+                                    tiles.block_n, _multiprocessors(query.device.index or 0))
+                      if query.is_cuda else 1)
+        return _decode_launches(query, out, inputs, common, tiles, num_seqs,
+                                max(num_seqs, num_tokens), splits, new, share_keys, False)
+    tiles = varlen_tiles(head_dim, group, query.element_size())
+    group_p2 = _pow2(group)
+    block_q = tiles.block_m // group_p2
+    # 16 rows is the smallest tile tl.dot takes: 4 queries of a group of 4 heads
+    small_q = max(1, 16 // group_p2)
+    small_limit = small_q if tiles.small_rows and small_q < block_q else 0
+    apart = min(num_seqs, MIXED_APART_SEQS) if tiles.mixed_rows_apart else 0
+    launches = []
+    if apart:
+        if splits is None:
+            splits = MIXED_SPLITS if query.is_cuda else 1
+        rows_tiles = dataclasses.replace(decode_tiles(head_dim, query.element_size()),
+                                         whole_unmasked=tiles.whole_unmasked)
+        launches = _decode_launches(query, out, inputs, common, rows_tiles, apart, apart,
+                                    splits, None, share_keys, True)
+        for launch in launches:
+            launch.alongside = tiles.rows_alongside and query.is_cuda
+    launches.append(Launch(_varlen_kernel, (num_kv_heads,
+                                            triton.cdiv(num_tokens, block_q) + num_seqs),
+                           dict(out_ptr=out, apart=apart, **inputs),
+                           dict(common, GROUP_P2=group_p2, BLOCK_Q=block_q,
+                                BLOCK_N=tiles.block_n, MASK_ALL_TILES=tiles.mask_all_tiles,
+                                SMALL_Q=small_q, SMALL_LIMIT=small_limit,
+                                HEAVY_FIRST=tiles.heavy_first,
+                                WHOLE_UNMASKED=tiles.whole_unmasked),
+                           tiles.num_warps, tiles.num_stages))
+    return launches
+
+
+def _decode_launches(query: torch.Tensor, out: torch.Tensor, inputs: Dict[str, Any],
+                     common: Dict[str, Any], tiles: Tiles, seqs: int, programs: int,
+                     splits: int, new: Optional[NewKeys], share_keys: int,
+                     mixed: bool) -> List[Launch]:
+    """The decode kernel over the first ``seqs`` seqs (``programs`` along its first grid
+    axis: padding tokens too in a decode step) in ``splits`` shares, and the combine
+    that merges the shares; ``mixed``: only their seqs of one query (a mixed step)."""
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = inputs["k_ptr"].shape[2]
     # Partials [S, H, splits] (running max, sum) and [S, H, splits, D] (output); with one
     # split the kernel writes ``out`` directly and never touches them.
-    part_m = torch.empty((num_seqs, num_heads, splits) if splits > 1 else (1,),
+    part_m = torch.empty((seqs, num_heads, splits) if splits > 1 else (1,),
                          dtype=torch.float32, device=query.device)
     part_l = torch.empty_like(part_m)
-    part_acc = torch.empty((num_seqs, num_heads, splits, head_dim) if splits > 1 else (1,),
+    part_acc = torch.empty((seqs, num_heads, splits, head_dim) if splits > 1 else (1,),
                            dtype=torch.float32, device=query.device)
     partials = dict(part_m_ptr=part_m, part_l_ptr=part_l, part_acc_ptr=part_acc)
-    written = new if new is not None else NewKeys(query, query, seq_lens)  # unread dummies
+    written = new if new is not None else NewKeys(query, query, inputs["seq_lens_ptr"])
     args = dict(out_ptr=out, **partials, new_k_ptr=written.keys, new_v_ptr=written.values,
                 slots_ptr=written.slots, stride_nt=written.keys.stride(0),
                 stride_nh=written.keys.stride(1), stride_nvt=written.values.stride(0),
                 stride_nvh=written.values.stride(1), **inputs, num_heads=num_heads)
     shares = dict(SPLITS=splits, MIN_TILES=max(1, share_keys // tiles.block_n),
                   BLOCK_N=tiles.block_n, USE_WINDOW=common["USE_WINDOW"])
-    launches = [Launch(_decode_kernel, (max(num_seqs, num_tokens), num_kv_heads, splits), args,
-                       dict(common, **shares, GROUP_PAD=max(16, _pow2(group)),
-                            WRITE_NEW=new is not None),
+    launches = [Launch(_decode_kernel, (programs, num_kv_heads, splits), args,
+                       dict(common, **shares, GROUP_PAD=max(16, _pow2(num_heads // num_kv_heads)),
+                            WRITE_NEW=new is not None, WHOLE_UNMASKED=tiles.whole_unmasked,
+                            MIXED=mixed),
                        tiles.num_warps, tiles.num_stages)]
-    if splits > 1 and num_seqs > 0:
+    if splits > 1 and seqs > 0:
         launches.append(Launch(
-            _combine_kernel, (num_seqs, num_kv_heads),
-            dict(out_ptr=out, **partials, query_start_ptr=query_start,
-                 seq_lens_ptr=seq_lens, window=window, num_heads=num_heads,
-                 stride_ot=out.stride(0), stride_oh=out.stride(1)),
-            dict(shares, GROUP=group, GROUP_P2=_pow2(group), HEAD_DIM=head_dim, D_P2=d_p2),
+            _combine_kernel, (seqs, num_kv_heads),
+            dict(out_ptr=out, **partials, query_start_ptr=inputs["query_start_ptr"],
+                 seq_lens_ptr=inputs["seq_lens_ptr"], window=inputs["window"],
+                 num_heads=num_heads, stride_ot=out.stride(0), stride_oh=out.stride(1)),
+            dict(shares, GROUP=common["GROUP"], GROUP_P2=_pow2(common["GROUP"]),
+                 HEAD_DIM=head_dim, D_P2=common["D_P2"], MIXED=mixed),
             num_warps=4, num_stages=1))
     return launches
 
@@ -599,8 +726,27 @@ def run_paged_attention(query: torch.Tensor, key_cache: torch.Tensor,
                         scale: float, window: int, softcap: float, decode_only: bool,
                         splits: Optional[int] = None, new: Optional[NewKeys] = None,
                         share_keys: int = DECODE_SHARE_KEYS) -> None:
-    """Write paged attention into ``out``: every launch of ``plan_launches``, in order."""
-    for launch in plan_launches(query, key_cache, value_cache, block_tables, seq_lens,
-                                query_start, out, scale, window, softcap, decode_only, splits,
-                                new, share_keys):
-        launch.run()
+    """Write paged attention into ``out``: every launch of ``plan_launches``, in order, those
+    ``alongside`` on a side stream that forks from the current one first and joins it
+    before this returns (so the scratch they use is freed after they are done)."""
+    launches = plan_launches(query, key_cache, value_cache, block_tables, seq_lens,
+                             query_start, out, scale, window, softcap, decode_only, splits,
+                             new, share_keys)
+    beside = [launch for launch in launches if launch.alongside]
+    if beside:
+        main = torch.cuda.current_stream(query.device)
+        side = _side_stream(query.device.index or 0)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            for launch in beside:
+                launch.run()
+    for launch in launches:
+        if not launch.alongside:
+            launch.run()
+    if beside:
+        main.wait_stream(side)
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device_index: int) -> "torch.cuda.Stream":
+    return torch.cuda.Stream(device_index)
