@@ -36,7 +36,7 @@ class Budgets:
     # 4,701; the other streams' inter-token p99 / p50 while a 4k prompt is fed 1.36 /
     # 1.33 / 1.65 (bench/results/h200_1203d_chunk_budget_llama1b.jsonl): fewer steps, so
     # fewer passes over the decoding rows' contexts. With the faster prefill attention of
-    # 2026-12-03 e, 4,096 gave 4,757 and 8,192 4,917 (h200_1203e_kernels_llama1b.jsonl);
+    # 2026-12-03 e, 4,096 gave 4,757 and 8,192 4,917 (h200_1203e_llama1b.jsonl, call 2);
     # 8,192 is also vLLM's and SGLang's chunk size on large GPUs.
     decoding: int = 8192
 
