@@ -49,24 +49,30 @@ class FakeReplica(mii_pb2_grpc.MIIServiceServicer, health_pb2_grpc.HealthService
 
     async def _act(self, context) -> None:
         if self.mode == "hold":
-            try:
-                await self.never.wait()
-            except asyncio.CancelledError:
-                self.cancelled += 1
-                raise
+            await self.never.wait()
         elif self.mode == "lose":
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica is shutting down")
 
     async def Generate(self, request, context):
         self.calls += 1
-        await self._act(context)
+        try:
+            await self._act(context)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
         return self.reply()
 
     async def GenerateStream(self, request, context):
+        # A cancel counts wherever it lands: on a loaded machine a deadline can pass while
+        # the first piece's write is still being awaited, before the hold begins.
         self.calls += 1
-        if request.prompts[0] == "piece first":
-            yield self.reply(finish_reason="")
-        await self._act(context)
+        try:
+            if request.prompts[0] == "piece first":
+                yield self.reply(finish_reason="")
+            await self._act(context)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
         yield self.reply()
 
     async def Info(self, request, context):
