@@ -91,11 +91,12 @@ def _request(prompt: str = "x") -> mii_pb2.GenerateRequest:
     return mii_pb2.GenerateRequest(prompts=[prompt])
 
 
-async def _until(predicate, timeout: float = 10.0) -> None:
-    """Poll ``predicate`` on the event loop until true (a hang guard, not a bound)."""
+async def _until(predicate, timeout: float = 10.0, state=lambda: None) -> None:
+    """Poll ``predicate`` on the event loop until true (a hang guard, not a bound);
+    ``state()`` says what was seen when it times out."""
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        assert asyncio.get_running_loop().time() < deadline, f"timed out: {state()}"
         await asyncio.sleep(0.005)
 
 
@@ -247,14 +248,20 @@ def test_a_deadline_reaches_the_replica():
     async def body(lb, stub, replicas):
         for replica in replicas:
             replica.mode = "hold"
-        assert (await _failure(stub.Generate(_request(), timeout=0.5)))[0] == \
+        # Deadlines long enough that a loaded 2-core CI machine starts the replicas'
+        # calls before they pass (a call the deadline beats is never the replica's).
+        assert (await _failure(stub.Generate(_request(), timeout=1.5)))[0] == \
             grpc.StatusCode.DEADLINE_EXCEEDED
-        stream = stub.GenerateStream(_request("piece first"), timeout=0.5)
+        stream = stub.GenerateStream(_request("piece first"), timeout=1.5)
         assert (await stream.read()).replica == 1
         assert (await _failure(stream.read()))[0] == grpc.StatusCode.DEADLINE_EXCEEDED
-        await _until(lambda: [r.cancelled for r in replicas] == [1, 1])
-        await _until(lambda: [r["outstanding"] for r in lb.router.describe()] == [0, 0])
-        await _until(lambda: not _forwarding_threads())
+        seen = lambda: dict(calls=[r.calls for r in replicas],  # noqa: E731
+                            cancelled=[r.cancelled for r in replicas],
+                            routed=lb.router.describe(), threads=_forwarding_threads())
+        await _until(lambda: [r.cancelled for r in replicas] == [1, 1], 30.0, seen)
+        await _until(lambda: [r["outstanding"] for r in lb.router.describe()] == [0, 0],
+                     state=seen)
+        await _until(lambda: not _forwarding_threads(), state=seen)
         assert [r.calls for r in replicas] == [1, 1]
 
     asyncio.run(_with_load_balancer(body))
