@@ -14,6 +14,7 @@ chunked argmax.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -32,7 +33,19 @@ from mii_engines.runtime.kernels.triton_paged import DECODE_SHARE_KEYS  # noqa: 
 from mii_engines.runtime.kernels.triton_paged import run_paged_attention  # noqa: E402
 
 OUT = os.environ.get("OUT", "/tmp")
-_DECODE_TILES = triton_paged.decode_tiles
+
+
+@contextlib.contextmanager
+def kernel_tiles(**fields):
+    """Both tile choices of the paged kernels (varlen, decode) with ``fields`` replaced,
+    for A/B timing in one process (``probe_paged.py`` uses it too)."""
+    varlen, decode = triton_paged.varlen_tiles, triton_paged.decode_tiles
+    triton_paged.varlen_tiles = lambda *a: dataclasses.replace(varlen(*a), **fields)
+    triton_paged.decode_tiles = lambda *a: dataclasses.replace(decode(*a), **fields)
+    try:
+        yield
+    finally:
+        triton_paged.varlen_tiles, triton_paged.decode_tiles = varlen, decode
 
 
 def log(**fields):
@@ -164,20 +177,18 @@ def time_decode(seqs, context, heads, kv_heads, dim, block=16, table=0,
     """``table``: tokens the block tables hold (0: the context), which sets the split count
     as in a served graph (the model's whole context). ``unmasked`` False: every key tile
     masked (the kernel before 2026-12-03 e), for A/B."""
-    chosen = triton_paged.decode_tiles(dim, 2)
-    triton_paged.decode_tiles = lambda *_a: dataclasses.replace(chosen, whole_unmasked=unmasked)
     max_blocks = -(-max(context, table) // block)
     args = list(inputs(0, True, heads, kv_heads, dim, torch.bfloat16, block, max_blocks, seqs))
     args[4] = torch.full((seqs,), context, dtype=torch.int32, device="cuda")
     out = torch.empty_like(args[0])
     call = lambda: run_paged_attention(*args, out, dim ** -0.5, 0, 0.0, True,  # noqa: E731
                                        share_keys=share_keys)
-    seconds = graph_seconds(call)  # the output of the 50th launch of a replay is checked
+    with kernel_tiles(whole_unmasked=unmasked):  # the graph captures the launches' tiles
+        seconds = graph_seconds(call)  # the output of the 50th launch of a replay is checked
     ref = torch.empty(args[0].shape, dtype=torch.float32, device="cuda")
     reference_paged_attention(*[a.float() if a.is_floating_point() else a for a in args], ref,
                               dim ** -0.5, 0, 0.0)
     error = float((out.float() - ref).norm() / ref.norm())
-    triton_paged.decode_tiles = _DECODE_TILES
     kv_bytes = 2 * seqs * context * kv_heads * dim * 2
     log(kind="time_decode", seqs=seqs, context=context, table=table, share_keys=share_keys,
         unmasked=unmasked,

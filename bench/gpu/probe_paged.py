@@ -9,14 +9,13 @@ prompts of 128 tokens + 64 new (greedy, ignore_eos) at 1 and 16 rows: in-process
 (``$OUT/profile_<variant>.txt``; ``PROFILE_ROWS`` rows instead of 16) and the kernel
 time by kind with the GPU's busy share of the run (``kernel_summary``). Variants:
 compiled (the defaults), eager (no torch.compile), nographs (no CUDA graphs, no
-compile), and the defaults with earlier kernel tiles (``KERNEL_VARIANTS``: before_e). With ``LONG=1`` the timed and profiled runs are instead 32 distinct prompts of
-3,850 tokens + 128 new: issue 17's long-prompt case, where prefill dominates.
+compile), and the defaults with earlier kernel tiles (``KERNEL_VARIANTS``: before_e).
+With ``LONG=1`` the timed and profiled runs are instead 32 distinct prompts of 3,850
+tokens + 128 new: issue 17's long-prompt case, where prefill dominates.
 ``DECODING_BUDGET``: the scheduler's tokens per step while rows decode (``prefill_chunk_tokens``).
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import os
 import random
@@ -132,20 +131,6 @@ def kernel_summary(prof) -> dict:
                 kernels=len(kernels))
 
 
-@contextlib.contextmanager
-def kernel_tiles(**fields):
-    """Both tile choices of the paged kernels with ``fields`` replaced."""
-    from mii_engines.runtime.kernels import triton_paged
-
-    varlen, decode = triton_paged.varlen_tiles, triton_paged.decode_tiles
-    triton_paged.varlen_tiles = lambda *a: dataclasses.replace(varlen(*a), **fields)
-    triton_paged.decode_tiles = lambda *a: dataclasses.replace(decode(*a), **fields)
-    try:
-        yield
-    finally:
-        triton_paged.varlen_tiles, triton_paged.decode_tiles = varlen, decode
-
-
 def probe(name: str, settings: dict) -> None:
     name += os.environ.get("VARIANT_SUFFIX", "")
     # a third of the GPU: the next variant loads while this one's memory is returned
@@ -193,6 +178,8 @@ if __name__ == "__main__":
     for variant in sys.argv[1:] or list(VARIANTS):
         try:
             if variant in KERNEL_VARIANTS:
+                from kernel_check import kernel_tiles  # this folder: run as a script
+
                 with kernel_tiles(**KERNEL_VARIANTS[variant]):
                     probe(variant, {})
             else:

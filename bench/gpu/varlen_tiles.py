@@ -30,11 +30,11 @@ from kernel_check import replay_seconds  # this folder: run as a script
 OUT = os.environ.get("OUT", "/tmp")
 HEADS, KV_HEADS, DIM, BLOCK = 32, 8, 64, 16
 # (name, Tiles fields replaced in today's default, MIXED_SPLITS or None): the default
-# first, then a mixed step's decode rows on a side stream, in 2 or 8 shares, and without
-# each change of 2026-12-03 e (whole key tiles unmasked, the decode rows apart)
-CANDIDATES = [("default", {}, None), ("alongside", {"rows_alongside": True}, None),
-              ("splits2", {}, 2), ("splits8", {}, 8),
-              ("alongside_splits2", {"rows_alongside": True}, 2),
+# first (a mixed step's decode rows apart, on a side stream, in 4 shares), then in 2 or
+# 8 shares, apart but not alongside, and without each change of 2026-12-03 e (whole key
+# tiles unmasked, the decode rows apart)
+CANDIDATES = [("default", {}, None), ("splits2", {}, 2), ("splits8", {}, 8),
+              ("not_alongside", {"rows_alongside": False}, None),
               ("apart_off", {"mixed_rows_apart": False}, None),
               ("before_e", {"whole_unmasked": False, "mixed_rows_apart": False}, None)]
 DECODE_ROWS = [(1, 3900)] * 64  # the decode rows beside a chunk, at the long case's context

@@ -664,9 +664,8 @@ def plan_launches(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
         rows_tiles = dataclasses.replace(decode_tiles(head_dim, query.element_size()),
                                          whole_unmasked=tiles.whole_unmasked)
         launches = _decode_launches(query, out, inputs, common, rows_tiles, apart, apart,
-                                    splits, None, share_keys, True)
-        for launch in launches:
-            launch.alongside = tiles.rows_alongside and query.is_cuda
+                                    splits, None, share_keys, True,
+                                    alongside=tiles.rows_alongside and query.is_cuda)
     launches.append(Launch(_varlen_kernel, (num_kv_heads,
                                             triton.cdiv(num_tokens, block_q) + num_seqs),
                            dict(out_ptr=out, apart=apart, **inputs),
@@ -682,10 +681,11 @@ def plan_launches(query: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
 def _decode_launches(query: torch.Tensor, out: torch.Tensor, inputs: Dict[str, Any],
                      common: Dict[str, Any], tiles: Tiles, seqs: int, programs: int,
                      splits: int, new: Optional[NewKeys], share_keys: int,
-                     mixed: bool) -> List[Launch]:
+                     mixed: bool, alongside: bool = False) -> List[Launch]:
     """The decode kernel over the first ``seqs`` seqs (``programs`` along its first grid
     axis: padding tokens too in a decode step) in ``splits`` shares, and the combine
-    that merges the shares; ``mixed``: only their seqs of one query (a mixed step)."""
+    that merges the shares; ``mixed``: only their seqs of one query (a mixed step);
+    ``alongside``: both on the side stream."""
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = inputs["k_ptr"].shape[2]
     # Partials [S, H, splits] (running max, sum) and [S, H, splits, D] (output); with one
@@ -707,7 +707,7 @@ def _decode_launches(query: torch.Tensor, out: torch.Tensor, inputs: Dict[str, A
                        dict(common, **shares, GROUP_PAD=max(16, _pow2(num_heads // num_kv_heads)),
                             WRITE_NEW=new is not None, WHOLE_UNMASKED=tiles.whole_unmasked,
                             MIXED=mixed),
-                       tiles.num_warps, tiles.num_stages)]
+                       tiles.num_warps, tiles.num_stages, alongside)]
     if splits > 1 and seqs > 0:
         launches.append(Launch(
             _combine_kernel, (seqs, num_kv_heads),
@@ -716,7 +716,7 @@ def _decode_launches(query: torch.Tensor, out: torch.Tensor, inputs: Dict[str, A
                  num_heads=num_heads, stride_ot=out.stride(0), stride_oh=out.stride(1)),
             dict(shares, GROUP=common["GROUP"], GROUP_P2=_pow2(common["GROUP"]),
                  HEAD_DIM=head_dim, D_P2=common["D_P2"], MIXED=mixed),
-            num_warps=4, num_stages=1))
+            num_warps=4, num_stages=1, alongside=alongside))
     return launches
 
 
